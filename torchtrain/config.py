@@ -1,0 +1,358 @@
+"""Run configuration: one dataclass per recipe section, TOML loading, CLI overrides, validation.
+
+A recipe is a TOML file whose tables are the sections below. Anything a recipe leaves out keeps
+its default. Command-line overrides take the form ``--section.key value`` or
+``--section.key=value`` and are converted to the field's type. Every problem (an unknown
+section or key, a wrong type, an invalid value) raises :class:`ConfigError` naming the file, the
+key and what is allowed, before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message says where and what is allowed."""
+
+
+@dataclass
+class Job:
+    name: str = "run"  # a label for logs
+    output_dir: str = "outputs/run"  # config, logs, TensorBoard events and checkpoints of the run
+    seed: int = 0  # seeds weight init, data shuffling and every RNG
+
+
+@dataclass
+class Model:
+    name: str = "debug"  # a named size from torchtrain.models.registry
+    attention: str = "sdpa"  # attention backend: "sdpa" or "reference"
+
+
+@dataclass
+class Data:
+    dataset: str = "stdlib"  # "stdlib" (the Python standard library's sources), or a .txt/.jsonl file, folder or glob
+    text_field: str = "text"  # field holding the text in .jsonl records
+    tokenizer: str = "default"  # "default" (byte-level BPE trained once on the corpus) or a tokenizer.json path
+    vocab_size: int = 8192  # vocabulary size of the default tokenizer
+    cache_dir: str = ""  # tokenizer and token shard cache; "" = $TORCHTRAIN_CACHE or ~/.cache/torchtrain
+    val_fraction: float = 0.02  # fraction of documents held out for validation
+    document_mask: bool = True  # packed documents neither attend to each other nor share RoPE positions
+
+
+@dataclass
+class Training:
+    steps: int = 100  # optimizer steps
+    seq_len: int = 256  # tokens per sample
+    local_batch_size: int = 8  # samples per microbatch on each data-parallel rank
+    grad_accum_steps: int = 1  # microbatches accumulated into one optimizer step
+    max_norm: float = 1.0  # gradient clipping threshold on the total norm; 0 disables clipping
+    dtype: str = "auto"  # compute dtype: "auto" (bfloat16 on GPU, float32 on CPU), "bfloat16", "float32"
+    device: str = "auto"  # "auto" (cuda when available, else cpu), "cuda" or "cpu"
+    val_every: int = 50  # run validation every N steps (and at the end); 0 disables
+    val_batches: int = 8  # batches per validation run
+    deterministic: bool = False  # torch.use_deterministic_algorithms, for bitwise reproducible GPU runs
+
+
+@dataclass
+class Optimizer:
+    name: str = "adamw"  # only AdamW for now
+    lr: float = 3e-4  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to norms, biases and embeddings
+    fused: str = "auto"  # "auto" (fused kernel where the device has one), "yes", "no"
+
+
+@dataclass
+class LRScheduler:
+    name: str = "cosine"  # "cosine", "linear" or "wsd" (warmup-stable-decay); all start with a linear warmup
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2  # wsd only: the final fraction of steps that decays
+    min_lr_ratio: float = 0.1  # the LR at the end, as a fraction of the peak
+
+
+@dataclass
+class Checkpoint:
+    enabled: bool = True
+    folder: str = "checkpoints"  # under job.output_dir
+    every: int = 500  # save every N steps (and at the end); 0 saves only at the end
+    keep_last: int = 2  # older checkpoints are deleted; 0 keeps all
+    resume: bool = False  # continue from the latest checkpoint in the folder
+
+
+@dataclass
+class Metrics:
+    log_every: int = 10  # console and TensorBoard every N steps
+    tensorboard: bool = True  # events under job.output_dir/tb
+
+
+@dataclass
+class Compile:
+    enabled: bool = True  # torch.compile each transformer block
+    backend: str = "inductor"
+
+
+@dataclass
+class Parallelism:
+    """Device mesh sizes; their product must equal the world size."""
+
+    dp_replicate: int = 1  # replicated data-parallel groups (HSDP's outer dimension)
+    dp_shard: int = -1  # sharded data-parallel degree (FSDP); -1 = whatever the others leave
+    tp: int = 1  # tensor parallel
+    pp: int = 1  # pipeline parallel
+    cp: int = 1  # context parallel
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = "none"  # "none" or "full" (recompute every block in the backward)
+
+
+@dataclass
+class Config:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    data: Data = field(default_factory=Data)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    compile: Compile = field(default_factory=Compile)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    source: str = field(default="<defaults>", compare=False)  # the recipe file, for messages
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {s.name: dataclasses.asdict(getattr(self, s.name)) for s in _sections()}
+
+    def to_toml(self) -> str:
+        lines = [f"# resolved from {self.source}"]
+        for section, values in self.to_dict().items():
+            lines.append(f"\n[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        return "\n".join(lines) + "\n"
+
+
+# Choices for string fields; checked by validate() and listed in its messages.
+CHOICES = {
+    ("model", "attention"): ("sdpa", "reference"),
+    ("training", "dtype"): ("auto", "bfloat16", "float32"),
+    ("training", "device"): ("auto", "cuda", "cpu"),
+    ("optimizer", "name"): ("adamw",),
+    ("optimizer", "fused"): ("auto", "yes", "no"),
+    ("lr_scheduler", "name"): ("cosine", "linear", "wsd"),
+    ("compile", "backend"): ("inductor", "aot_eager", "eager"),
+    ("activation_checkpoint", "mode"): ("none", "full"),
+}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a recipe, apply ``--section.key value`` overrides, validate, and return the Config."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            recipes = sorted(p.name for p in Path("recipes").glob("*.toml")) if Path("recipes").is_dir() else []
+            raise ConfigError(
+                f"recipe {str(path)!r} does not exist. Pass --config with a TOML recipe file"
+                + (f"; the recipes here are: {', '.join('recipes/' + r for r in recipes)}." if recipes else ".")
+            )
+        config.source = str(path)
+        try:
+            tables = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        for section_name, table in tables.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {section_name!r} must be a [section] table")
+            section = _section(config, section_name, str(path))
+            for key, value in table.items():
+                _set(section, section_name, key, value, str(path), from_text=False)
+    for section_name, key, text in _parse_overrides(overrides):
+        where = f"command line (--{section_name}.{key})"
+        _set(_section(config, section_name, where), section_name, key, text, where, from_text=True)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Check values (not just types); each error names the recipe, the key and what is allowed."""
+
+    def fail(section: str, key: str, allowed: str) -> None:
+        value = getattr(getattr(config, section), key)
+        raise ConfigError(f"{config.source}: {section}.{key} = {value!r} is invalid; {allowed}")
+
+    for (section, key), choices in CHOICES.items():
+        if getattr(getattr(config, section), key) not in choices:
+            fail(section, key, f"valid choices: {', '.join(map(repr, choices))}")
+
+    positive = [
+        ("training", "steps"), ("training", "seq_len"), ("training", "local_batch_size"),
+        ("training", "grad_accum_steps"), ("training", "val_batches"), ("metrics", "log_every"),
+        ("data", "vocab_size"), ("parallelism", "dp_replicate"), ("parallelism", "tp"),
+        ("parallelism", "pp"), ("parallelism", "cp"),
+    ]
+    for section, key in positive:
+        if getattr(getattr(config, section), key) < 1:
+            fail(section, key, "it must be a positive integer")
+    for section, key in [("training", "val_every"), ("checkpoint", "every"), ("checkpoint", "keep_last"),
+                         ("lr_scheduler", "warmup_steps"), ("training", "max_norm"), ("optimizer", "weight_decay")]:
+        if getattr(getattr(config, section), key) < 0:
+            fail(section, key, "it must be zero or positive")
+    if config.parallelism.dp_shard < 1 and config.parallelism.dp_shard != -1:
+        fail("parallelism", "dp_shard", "it must be a positive integer, or -1 for whatever the other sizes leave")
+    if not 0 <= config.data.val_fraction < 1:
+        fail("data", "val_fraction", "it must be in [0, 1)")
+    if not 0 <= config.lr_scheduler.min_lr_ratio <= 1:
+        fail("lr_scheduler", "min_lr_ratio", "it must be in [0, 1]")
+    if not 0 < config.lr_scheduler.decay_fraction <= 1:
+        fail("lr_scheduler", "decay_fraction", "it must be in (0, 1]")
+    if config.optimizer.lr <= 0:
+        fail("optimizer", "lr", "it must be positive")
+    if len(config.optimizer.betas) != 2 or not all(0 <= b < 1 for b in config.optimizer.betas):
+        fail("optimizer", "betas", "it must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    if config.lr_scheduler.warmup_steps > config.training.steps:
+        fail("lr_scheduler", "warmup_steps", f"it must not exceed training.steps ({config.training.steps})")
+    if config.data.val_fraction == 0 and config.training.val_every > 0:
+        fail("training", "val_every", "validation needs held-out data: set data.val_fraction > 0 or val_every = 0")
+    if not config.job.output_dir:
+        fail("job", "output_dir", "it must name a folder")
+
+    from torchtrain.models.registry import MODELS  # registry import is cheap: plain dataclasses
+
+    if config.model.name not in MODELS:
+        close = difflib.get_close_matches(config.model.name, MODELS, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        fail("model", "name", f"valid choices: {', '.join(MODELS)}.{hint}")
+    max_seq_len = MODELS[config.model.name].max_seq_len
+    if config.training.seq_len > max_seq_len:
+        fail("training", "seq_len", f"model {config.model.name!r} supports at most {max_seq_len} tokens")
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Split ``--config PATH`` from the ``--section.key value`` overrides."""
+    path, rest, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" or arg.startswith("--config="):
+            if "=" in arg:
+                path = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                path, i = argv[i + 1], i + 1
+            else:
+                raise ConfigError("--config needs a recipe path, e.g. --config recipes/debug.toml")
+        else:
+            rest.append(arg)
+        i += 1
+    return path, rest
+
+
+def _parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
+    parsed, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"command line: cannot read {arg!r}; overrides look like --section.key value "
+                              "or --section.key=value, e.g. --training.steps 10")
+        name, value = (arg[2:].split("=", 1) + [None])[:2]
+        if value is None:
+            if i + 1 >= len(args):
+                raise ConfigError(f"command line: --{name} needs a value")
+            value, i = args[i + 1], i + 1
+        section, key = name.split(".", 1)
+        parsed.append((section, key, value))
+        i += 1
+    return parsed
+
+
+def _sections() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Config) if f.name != "source"]
+
+
+def _section(config: Config, name: str, where: str) -> Any:
+    names = [f.name for f in _sections()]
+    if name not in names:
+        raise ConfigError(f"{where}: unknown section [{name}]{_closest(name, names)}; sections: {', '.join(names)}")
+    return getattr(config, name)
+
+
+def _closest(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
+def _set(section: Any, section_name: str, key: str, value: Any, where: str, from_text: bool) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        raise ConfigError(f"{where}: unknown key {section_name}.{key}{_closest(key, list(fields))}; "
+                          f"keys of [{section_name}]: {', '.join(fields)}")
+    hint = typing.get_type_hints(type(section))[key]
+    try:
+        converted = _convert(json_or_text(value, hint) if from_text else value, hint)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {section_name}.{key} = {value!r} is not a valid {_type_name(hint)}") from None
+    setattr(section, key, converted)
+
+
+def json_or_text(text: str, hint: Any) -> Any:
+    """Interpret a command-line string for a field of type ``hint``."""
+    if hint is str:
+        return text
+    if hint is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(text)
+    return json.loads(text)
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise TypeError
+        return [_convert(v, item) for v in value]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    raise TypeError(hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"list of {_type_name(typing.get_args(hint)[0])}"
+    return {bool: "boolean (true/false)", int: "integer", float: "number", str: "string"}.get(hint, str(hint))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)

@@ -1,0 +1,295 @@
+"""Entry point: ``torchrun --nproc_per_node=N -m torchtrain.train --config recipes/X.toml [--section.key value ...]``.
+
+One function per stage, called in order by :func:`train`: config → process group and mesh → data →
+model (meta) → parallelize → materialise → optimizer → resume → loop. A batch goes from the loader
+to :func:`train_step` to the optimizer without detours.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from torchtrain.checkpoint import CheckpointManager, IntState, ModelAndOptimizer, RNGState
+from torchtrain.config import Config, ConfigError, load_config, parse_args
+from torchtrain.data import Batch, TokenLoader, build_datasets
+from torchtrain.metrics import MetricsLogger, ThroughputMeter, device_peak_flops, peak_memory_bytes
+from torchtrain.models import ModelArgs, Transformer, get_model_args
+from torchtrain.optim import LRSchedule, build_optimizer
+from torchtrain.parallel import ParallelDims, build_mesh, init_distributed, parallelize
+
+logger = logging.getLogger("torchtrain")
+
+IGNORE_INDEX = -100
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm stopped being finite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float]  # global mean training loss of every step run
+    val_losses: dict[int, float]
+    output_dir: Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        config = load_config(path, overrides)
+        train(config)
+    except (ConfigError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def train(config: Config) -> TrainResult:
+    device = pick_device(config)
+    created_group = not dist.is_initialized()
+    init_distributed(device)
+    try:
+        return _train(config, device)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _train(config: Config, device: torch.device) -> TrainResult:
+    rank = dist.get_rank()
+    dims = ParallelDims.resolve(config.parallelism, dist.get_world_size(), config.source)
+    output_dir = Path(config.job.output_dir)
+    setup_logging(output_dir, rank)
+    if rank == 0:
+        (output_dir / "config.toml").write_text(config.to_toml())
+        logger.info("config (saved to %s):\n%s", output_dir / "config.toml", config.to_toml())
+    model_args = model_args_for(config)
+    mesh = build_mesh(dims, device)
+    dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
+    dp_group = mesh["dp"].get_group()
+
+    tokenizer, train_stream, val_stream = build_datasets(
+        config.data.dataset, config.data.text_field, config.data.tokenizer, config.data.vocab_size,
+        config.data.cache_dir, config.data.val_fraction,
+    )
+    if tokenizer.vocab_size > model_args.vocab_size:
+        raise ConfigError(
+            f"{config.source}: the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the "
+            f"{model_args.vocab_size} embeddings of model {config.model.name!r}; use a model with a larger vocab_size "
+            f"(model.name) or a smaller tokenizer (data.tokenizer / data.vocab_size)"
+        )
+    train_loader = TokenLoader(train_stream, config.training.seq_len, config.training.local_batch_size,
+                               dp_rank, dp_size, seed=config.job.seed)
+
+    param_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[resolve_dtype(config, device)]
+    with torch.device("meta"):
+        model = Transformer(model_args)
+    model = parallelize(model, config, mesh, dims, device, param_dtype)
+    model.to_empty(device=device)
+    torch.manual_seed(config.job.seed)
+    with torch.no_grad():
+        model.init_weights()
+    logger.info("model %s: %.1fM parameters (%.1fM without embeddings)", config.model.name,
+                model_args.num_params(exclude_embedding=False) / 1e6,
+                model_args.num_params(exclude_embedding=True) / 1e6)
+
+    optimizer = build_optimizer(model, config.optimizer, device)
+    lr_schedule = LRSchedule(optimizer, config.lr_scheduler, config.training.steps)
+    state = {"model_and_optimizer": ModelAndOptimizer(model, optimizer), "lr_schedule": IntState(lr_schedule),
+             "data": IntState(train_loader), "rng": RNGState(device), "step": IntState(StepCounter())}
+    checkpoints = None
+    if config.checkpoint.enabled:
+        checkpoints = CheckpointManager(output_dir / config.checkpoint.folder, config.checkpoint.keep_last)
+    start_step = 0
+    if config.checkpoint.resume:
+        latest = checkpoints.latest() if checkpoints else None
+        if latest is None:
+            logger.info("checkpoint.resume is set but there is no checkpoint yet; starting from step 0")
+        else:
+            checkpoints.load(latest[1], state)
+            start_step = state["step"].obj.step
+
+    # Mixed precision without FSDP is autocast; with FSDP its MixedPrecisionPolicy casts parameters.
+    autocast = (torch.autocast(device.type, dtype=param_dtype)
+                if param_dtype != torch.float32 and dims.dp == 1 else nullcontext())
+    meter = ThroughputMeter(model_args.flops_per_token(config.training.seq_len), device_peak_flops(device),
+                            config.training.steps)
+    metrics = MetricsLogger(output_dir / "tb", enabled=rank == 0 and config.metrics.tensorboard)
+    result = TrainResult({}, {}, output_dir)
+    batches = iter(train_loader)
+    try:
+        for step in range(start_step + 1, config.training.steps + 1):
+            started = time.perf_counter()
+            microbatches = [next(batches).to(device) for _ in range(config.training.grad_accum_steps)]
+            loss, grad_norm = train_step(model, optimizer, microbatches, config, dp_group, autocast)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                last = checkpoints.latest() if checkpoints else None
+                raise TrainingDiverged(
+                    f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite, so training stopped "
+                    f"before the optimizer applied it. The last good checkpoint is "
+                    f"{last[1] if last else '(none saved yet)'}; try a lower optimizer.lr or more "
+                    f"lr_scheduler.warmup_steps, then resume from it with --checkpoint.resume true."
+                )
+            lr = lr_schedule.last_lr()
+            lr_schedule.step()
+            state["step"].obj.step = step
+            meter.add(sum(b.tokens.numel() for b in microbatches), time.perf_counter() - started)
+            result.losses[step] = loss
+
+            figures = {}
+            if step % config.metrics.log_every == 0 or step == config.training.steps:
+                figures = {"loss/train": loss, "optim/lr": lr, "optim/grad_norm": grad_norm,
+                           "memory/peak_gib": peak_memory_bytes(device) / 2**30, **meter.read(step)}
+            if config.training.val_every and (step % config.training.val_every == 0
+                                              or step == config.training.steps):
+                val_loss = evaluate(model, val_stream, config, dp_rank, dp_size, dp_group, device, autocast)
+                result.val_losses[step] = val_loss
+                figures.update({"loss/val": val_loss, "loss/val_perplexity": math.exp(min(val_loss, 50.0))})
+            if figures:
+                metrics.log(step, config.training.steps, figures)
+            if checkpoints and (step == config.training.steps
+                                or (config.checkpoint.every and step % config.checkpoint.every == 0)):
+                checkpoints.save(step, state)
+    finally:
+        metrics.close()
+    if rank == 0 and config.metrics.tensorboard:
+        logger.info("done. TensorBoard: tensorboard --logdir %s", output_dir / "tb")
+    return result
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches: list[Batch], config: Config,
+               dp_group: dist.ProcessGroup, autocast) -> tuple[float, float]:
+    """Forward and backward every microbatch, clip, and step. Returns (global loss, grad norm).
+
+    The loss is the sum of token losses divided by the number of valid tokens in the whole global
+    batch (all microbatches on all data-parallel ranks), so accumulation and data parallelism give
+    exactly the gradient of one big batch, however the valid tokens are spread.
+    """
+    device = microbatches[0].tokens.device
+    num_valid = torch.tensor(sum(b.num_valid_tokens() for b in microbatches), device=device, dtype=torch.float32)
+    dist.all_reduce(num_valid, group=dp_group)
+    total = torch.zeros((), device=device)
+    for batch in microbatches:
+        with autocast:
+            logits = model(batch.tokens, **attention_inputs(batch, config))
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        (loss_sum / num_valid).backward()
+        total += loss_sum.detach()
+    grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], config.training.max_norm)
+    dist.all_reduce(total, group=dp_group)
+    loss, norm = (total / num_valid).item(), grad_norm.item()
+    if math.isfinite(loss) and math.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, norm
+
+
+def attention_inputs(batch: Batch, config: Config) -> dict[str, torch.Tensor]:
+    """With document masking, tokens see only their own document and RoPE restarts at each one."""
+    if not config.data.document_mask:
+        return {}
+    return {"positions": batch.positions, "document_ids": batch.document_ids}
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Total gradient norm over all ranks (as one process would compute it), clipped to ``max_norm``."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if isinstance(norm, DTensor):  # sharded gradients: the partial norms are reduced here
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val_stream, config: Config, dp_rank: int, dp_size: int,
+             dp_group: dist.ProcessGroup, device: torch.device, autocast) -> float:
+    """Mean token loss over the first ``training.val_batches`` global batches of the held-out split."""
+    loader = TokenLoader(val_stream, config.training.seq_len, config.training.local_batch_size,
+                         dp_rank, dp_size, seed=config.job.seed, shuffle=False, infinite=False)
+    totals = torch.zeros(2, device=device, dtype=torch.float64)
+    for i, batch in enumerate(loader):
+        if i == config.training.val_batches:
+            break
+        batch = batch.to(device)
+        with autocast:
+            logits = model(batch.tokens, **attention_inputs(batch, config))
+        totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(),
+                                     ignore_index=IGNORE_INDEX, reduction="sum")
+        totals[1] += batch.num_valid_tokens()
+    dist.all_reduce(totals, group=dp_group)
+    return (totals[0] / totals[1]).item()
+
+
+class StepCounter:
+    """The number of the last completed optimizer step, for the checkpoint."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = state["step"]
+
+
+def pick_device(config: Config) -> torch.device:
+    choice = config.training.device
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{config.source}: training.device = 'cuda' but no GPU is visible; use 'auto' or 'cpu'")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = int(__import__("os").environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def resolve_dtype(config: Config, device: torch.device) -> str:
+    dtype = config.training.dtype
+    if dtype == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "bfloat16" and device.type == "cpu":
+        logger.warning("bfloat16 on CPU is much slower than float32 on most CPUs")
+    return dtype
+
+
+def model_args_for(config: Config) -> ModelArgs:
+    args = get_model_args(config.model.name)
+    args.attention = config.model.attention
+    return args
+
+
+def setup_logging(output_dir: Path, rank: int) -> None:
+    """Rank 0 logs to the console and to output_dir/train.log; other ranks only warn."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_torchtrain", False):
+            root.removeHandler(handler)
+            handler.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if rank == 0:
+        handlers.append(logging.FileHandler(output_dir / "train.log"))
+    for handler in handlers:
+        handler._torchtrain = True
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+if __name__ == "__main__":
+    main()
