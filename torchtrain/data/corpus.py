@@ -1,0 +1,236 @@
+"""Where documents come from: corpus readers, the corpus fingerprint, and the on-disk cache.
+
+A *corpus* is an ordered list of documents. ``open_corpus(spec)`` turns the ``[data].dataset`` string
+into a :class:`Corpus`:
+
+- ``"stdlib"``: the embedded default corpus, the ``.py`` sources of the Python standard library this
+  interpreter runs on (``sysconfig.get_paths()["stdlib"]``, without ``site-packages``), one file per
+  document, in sorted path order. About 1,800 files / 31 MB of real text on CPython 3.11; nothing is
+  downloaded and nothing is copied into the repository.
+- a ``.jsonl`` file: one document per non-blank line, the text in field ``text_field``;
+- any other file (``.txt``, ``.md``, ...): the whole file is one document;
+- a directory: every ``.txt`` and ``.jsonl`` file below it, recursively, in sorted path order;
+- a glob pattern (``data/**/*.jsonl``): the matching files, sorted.
+
+Everything derived from a corpus (tokenizer, token shards) is cached under :func:`resolve_cache_dir`
+and keyed by :meth:`Corpus.fingerprint`, a hash of the relative paths, sizes and contents of its files.
+Cache entries are built under :func:`file_lock` and published with an atomic rename, so concurrent
+ranks build an entry once and a killed build never leaves a half-written one behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import glob
+import hashlib
+import json
+import logging
+import os
+import sysconfig
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CORPUS = "stdlib"
+DIRECTORY_SUFFIXES = (".txt", ".jsonl")
+# Bump when the meaning of a fingerprint changes (e.g. how files are turned into documents).
+_FINGERPRINT_VERSION = 1
+_GLOB_CHARS = set("*?[")
+_MASK64 = (1 << 64) - 1
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _accepted(spec: str) -> str:
+    return (
+        f'[data].dataset accepts "{DEFAULT_CORPUS}" (the Python standard library\'s own .py sources on this '
+        f"machine, the default), a .txt file (one document), a .jsonl file (one document per line, the text "
+        f"in the field named by [data].text_field), a directory (all {' and '.join(DIRECTORY_SUFFIXES)} files "
+        f"below it, recursively), or a glob pattern such as 'data/**/*.jsonl'. Relative paths are resolved "
+        f"from the current directory ({os.getcwd()})."
+    )
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """An ordered, read-only list of documents backed by files.
+
+    ``files`` are absolute paths in document order; ``root`` is the folder their names in the
+    fingerprint are relative to (so moving a corpus does not invalidate its cache).
+    """
+
+    spec: str
+    root: Path
+    files: tuple[Path, ...]
+    text_field: str = "text"
+
+    def __len__(self) -> int:
+        """The number of files (not documents: a .jsonl file holds many)."""
+        return len(self.files)
+
+    @cached_property
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+    def documents(self) -> Iterator[str]:
+        """Yield every document's text, in corpus order (document index = position in this stream)."""
+        for path in self.files:
+            if path.suffix == ".jsonl":
+                yield from _jsonl_documents(path, self.text_field)
+            else:
+                yield _read_text(path)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A stable hex digest of the corpus: relative paths, sizes and full contents of its files.
+
+        Hashing the contents (BLAKE2b, ~1 GB/s) costs about 0.3 s for the 31 MB stdlib corpus, cheap
+        enough to run at every start and safer than modification times, which copies and checkouts reset.
+        """
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"torchtrain-corpus-v{_FINGERPRINT_VERSION}\0".encode())
+        if any(p.suffix == ".jsonl" for p in self.files):
+            digest.update(f"text_field={self.text_field}\0".encode())
+        for path in self.files:
+            data = path.read_bytes()
+            name = os.path.relpath(path, self.root)
+            digest.update(f"{name}\0{len(data)}\0".encode())
+            digest.update(hashlib.blake2b(data, digest_size=16).digest())
+        return digest.hexdigest()
+
+
+def fingerprint(corpus: Corpus) -> str:
+    """The corpus' cache key; see :attr:`Corpus.fingerprint`."""
+    return corpus.fingerprint
+
+
+def stable_unit_hash(index, salt: int = 0):
+    """Map document indices to pseudo-random floats in [0, 1) that never change (SplitMix64).
+
+    A pure function of ``(index, salt)``: no seed, no process state, the same on every machine. Used
+    to pick the validation documents and the tokenizer's training subset. Accepts an int (returns a
+    float) or an integer array (returns a float64 array).
+    """
+    scalar = np.ndim(index) == 0
+    x = np.atleast_1d(np.asarray(index, dtype=np.uint64)) + np.uint64(salt & _MASK64)
+    with np.errstate(over="ignore"):  # the arithmetic is meant to wrap modulo 2**64
+        x = x + _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    unit = (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return float(unit[0]) if scalar else unit
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's ``.py`` files (site-packages excluded), sorted by relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"the Python standard library folder {root} (sysconfig 'stdlib') does not exist")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")]
+        files.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def open_corpus(spec: str | os.PathLike = DEFAULT_CORPUS, text_field: str = "text") -> Corpus:
+    """Resolve ``[data].dataset`` to a :class:`Corpus` (see the module docstring for what is accepted)."""
+    spec = os.fspath(spec)
+    if not spec:
+        raise ValueError(f"[data].dataset is empty. {_accepted(spec)}")
+    if spec == DEFAULT_CORPUS:
+        files = stdlib_files()
+        return Corpus(spec, Path(sysconfig.get_paths()["stdlib"]), tuple(files), text_field)
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        path = path.resolve()
+        return Corpus(spec, path.parent, (path,), text_field)
+    if path.is_dir():
+        root = path.resolve()
+        files = [Path(d, f) for d, _, names in os.walk(root, followlinks=True) for f in names
+                 if f.endswith(DIRECTORY_SUFFIXES)]
+        if not files:
+            raise FileNotFoundError(
+                f"Dataset directory {spec!r} ({root}) holds no {' or '.join(DIRECTORY_SUFFIXES)} files. "
+                + _accepted(spec))
+        return Corpus(spec, root, tuple(sorted(files, key=lambda p: p.relative_to(root).as_posix())), text_field)
+    if _GLOB_CHARS & set(spec):
+        matches = sorted({Path(m).resolve() for m in glob.glob(os.path.expanduser(spec), recursive=True)
+                          if os.path.isfile(m)})
+        if not matches:
+            raise FileNotFoundError(f"Dataset glob {spec!r} matches no files. " + _accepted(spec))
+        root = Path(os.path.commonpath([p.parent for p in matches]))
+        return Corpus(spec, root, tuple(matches), text_field)
+    raise FileNotFoundError(f"Dataset {spec!r} not found: there is no file or directory at {path.absolute()}. "
+                            + _accepted(spec))
+
+
+def _read_text(path: Path) -> str:
+    # A handful of stdlib test files are deliberately not UTF-8; replacing their bad bytes keeps the
+    # corpus deterministic instead of failing the whole run on one file.
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(
+                    f"{path}, line {lineno}: the record has no field {text_field!r} (it has: {keys}); set "
+                    f"[data].text_field to the field that holds the document text")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise ValueError(f"{path}, line {lineno}: field {text_field!r} is a {type(text).__name__}, "
+                                 f"not a string")
+            yield text
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache: where derived artifacts live, and how concurrent processes build them once.
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike = "") -> Path:
+    """``[data].cache_dir``, or ``$TORCHTRAIN_CACHE``, or ``~/.cache/torchtrain`` (created if missing)."""
+    chosen = os.fspath(cache_dir) or os.environ.get("TORCHTRAIN_CACHE") or "~/.cache/torchtrain"
+    path = Path(chosen).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the duration of the block.
+
+    The kernel drops the lock when its holder dies, so a killed build never wedges later runs. On a
+    filesystem without lock support the block runs unlocked (with a warning): entries are still
+    published atomically, so the worst case is duplicated work, not a corrupt cache.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            logger.warning("cannot lock %s (%s); building without a lock", path, e.strerror)
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

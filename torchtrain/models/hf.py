@@ -1,0 +1,142 @@
+"""Hugging Face interop: config fields and state-dict key names.
+
+Our layout equals Hugging Face's ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` layout up to
+key names (RoPE uses the same rotate-half convention, so no weight permutation is needed),
+so conversion is a renaming table. ``transformers`` itself is not imported here: it is only
+a test dependency.
+
+* ``hf_config(args, family)``: the ``config.json`` fields of the equivalent HF model;
+  ``LlamaConfig(**hf_config(args, "llama"))`` builds it.
+* ``from_hf_state_dict(hf_sd, args)`` / ``to_hf_state_dict(sd, args)``: rename keys (tensors
+  are passed through, not copied). Keys of absent layers are simply absent, so a pipeline
+  stage's partial state dict converts too.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import Tensor
+
+from torchtrain.models.llama import ModelArgs
+
+__all__ = ["HF_ARCHITECTURES", "hf_config", "from_hf_state_dict", "to_hf_state_dict"]
+
+HF_ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",  # bias on q/k/v/o together or not at all (attention_bias)
+    "qwen2": "Qwen2ForCausalLM",  # bias on q/k/v, never on o
+}
+
+# HF name -> our name, outside the blocks.
+_TOP_LEVEL: dict[str, str] = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+# HF module path -> ours, inside block N (``model.layers.N.`` <-> ``layers.N.``).
+_PER_LAYER: dict[str, str] = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+_HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_OUR_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def _rename(key: str, top_level: dict[str, str], per_layer: dict[str, str],
+            pattern: re.Pattern, prefix: str) -> str:
+    if key in top_level:
+        return top_level[key]
+    match = pattern.fullmatch(key)
+    if match is not None and match.group(2) in per_layer:
+        layer, module, kind = match.groups()
+        return f"{prefix}{layer}.{per_layer[module]}.{kind}"
+    raise ValueError(f"no mapping for state-dict key {key!r}")
+
+
+def from_hf_state_dict(hf_sd: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
+    """Hugging Face Llama/Qwen2 keys -> ours. With tied embeddings ``output.weight`` is the embedding tensor."""
+    sd: dict[str, Tensor] = {}
+    for key, value in hf_sd.items():
+        if key.endswith("rotary_emb.inv_freq"):  # a derived buffer some old checkpoints saved
+            continue
+        if args.tie_embeddings and key == "lm_head.weight":
+            continue
+        sd[_rename(key, _TOP_LEVEL, _PER_LAYER, _HF_LAYER_KEY, "layers.")] = value
+    if args.tie_embeddings and "tok_embeddings.weight" in sd:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    return sd
+
+
+_TOP_LEVEL_TO_HF = {ours: hf for hf, ours in _TOP_LEVEL.items()}
+_PER_LAYER_TO_HF = {ours: hf for hf, ours in _PER_LAYER.items()}
+
+
+def to_hf_state_dict(sd: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
+    """Our keys -> Hugging Face's. With tied embeddings ``lm_head.weight`` is left out, as in released checkpoints."""
+    hf_sd: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if args.tie_embeddings and key == "output.weight":
+            continue
+        hf_sd[_rename(key, _TOP_LEVEL_TO_HF, _PER_LAYER_TO_HF, _OUR_LAYER_KEY, "model.layers.")] = value
+    return hf_sd
+
+
+def hf_config(args: ModelArgs, family: str = "llama") -> dict[str, Any]:
+    """The ``config.json`` fields of the Hugging Face model equal to ``args``.
+
+    ``family`` is ``"llama"`` (``LlamaForCausalLM``; InternLM's q/k/v/o biases map to
+    ``attention_bias``) or ``"qwen2"`` (``Qwen2ForCausalLM``: q/k/v bias, no o bias). RoPE is
+    written as ``rope_theta`` + ``rope_scaling``, the form in the released config files,
+    which transformers 4.x reads directly and 5.x converts into ``rope_parameters``.
+    Raises ``ValueError`` if the family cannot express ``args``.
+    """
+    if family not in HF_ARCHITECTURES:
+        raise ValueError(f"unknown HF family {family!r}; valid choices: {sorted(HF_ARCHITECTURES)}")
+    rope_scaling = None
+    if args.rope_scaling is not None:
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": args.rope_scaling.factor,
+            "low_freq_factor": args.rope_scaling.low_freq_factor,
+            "high_freq_factor": args.rope_scaling.high_freq_factor,
+            "original_max_position_embeddings": args.rope_scaling.original_max_seq_len,
+        }
+    config: dict[str, Any] = {
+        "architectures": [HF_ARCHITECTURES[family]],
+        "model_type": family,
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_dim,
+        "num_hidden_layers": args.num_layers,
+        "num_attention_heads": args.num_heads,
+        "num_key_value_heads": args.num_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": args.tie_embeddings,
+    }
+    if family == "llama":
+        if args.qkv_bias != args.out_bias:
+            raise ValueError(
+                "family 'llama' has one attention_bias flag for q/k/v/o, but ModelArgs has "
+                f"qkv_bias={args.qkv_bias}, out_bias={args.out_bias}; use family 'qwen2' for q/k/v-only bias")
+        config.update(attention_bias=args.qkv_bias, mlp_bias=False, head_dim=args.head_dim)
+    else:
+        if not args.qkv_bias or args.out_bias:
+            raise ValueError(
+                "family 'qwen2' always has a q/k/v bias and no o bias, but ModelArgs has "
+                f"qkv_bias={args.qkv_bias}, out_bias={args.out_bias}")
+        config.update(use_sliding_window=False)
+    return config

@@ -1,0 +1,84 @@
+"""Named model sizes: the shapes of public releases plus small CPU models.
+
+Each entry is a literal ``ModelArgs`` whose fields match the release's published
+``config.json`` (hidden size, layers, heads, intermediate size, vocabulary, norm epsilon,
+RoPE base, biases, tying); ``max_seq_len`` is the context length the model was released
+with. ``get_model_args(name)`` returns a copy, so callers may override fields freely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from torchtrain.models.llama import ModelArgs
+
+__all__ = ["MODELS", "get_model_args"]
+
+MODELS: dict[str, ModelArgs] = {
+    # 7.0M parameters (4.9M without the embedding table): unit tests and CPU smoke runs.
+    "debug": ModelArgs(
+        dim=256, num_layers=4, num_heads=8, num_kv_heads=2, vocab_size=8192, ffn_dim=704,
+        norm_eps=1e-5, rope_theta=10000.0, max_seq_len=2048, tie_embeddings=False,
+    ),
+    # 30.9M parameters: the CPU benchmark model.
+    "debug_30m": ModelArgs(
+        dim=512, num_layers=8, num_heads=8, num_kv_heads=2, vocab_size=8192, ffn_dim=1408,
+        norm_eps=1e-5, rope_theta=10000.0, max_seq_len=2048, tie_embeddings=False,
+    ),
+    # meta-llama/Llama-2-7b-hf: 6.74B.
+    "llama2_7b": ModelArgs(
+        dim=4096, num_layers=32, num_heads=32, num_kv_heads=32, vocab_size=32000, ffn_dim=11008,
+        norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096,
+    ),
+    # meta-llama/Llama-2-13b-hf: 13.02B.
+    "llama2_13b": ModelArgs(
+        dim=5120, num_layers=40, num_heads=40, num_kv_heads=40, vocab_size=32000, ffn_dim=13824,
+        norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096,
+    ),
+    # meta-llama/Llama-2-70b-hf: 68.98B, grouped-query attention 64/8.
+    "llama2_70b": ModelArgs(
+        dim=8192, num_layers=80, num_heads=64, num_kv_heads=8, vocab_size=32000, ffn_dim=28672,
+        norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096,
+    ),
+    # meta-llama/Meta-Llama-3-8B: 8.03B.
+    "llama3_8b": ModelArgs(
+        dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, vocab_size=128256, ffn_dim=14336,
+        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192,
+    ),
+    # meta-llama/Meta-Llama-3-70B: 70.55B.
+    "llama3_70b": ModelArgs(
+        dim=8192, num_layers=80, num_heads=64, num_kv_heads=8, vocab_size=128256, ffn_dim=28672,
+        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192,
+    ),
+    # internlm/internlm-7b: 7.32B; Llama layout with a bias on q, k, v and o.
+    "internlm_7b": ModelArgs(
+        dim=4096, num_layers=32, num_heads=32, num_kv_heads=32, vocab_size=103168, ffn_dim=11008,
+        norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048, qkv_bias=True, out_bias=True,
+    ),
+    # Qwen/Qwen-14B (Qwen 1): 14.17B. Its config lists intermediate_size 27392, the combined
+    # width of its two up projections; each SwiGLU branch is 13696 wide.
+    "qwen_14b": ModelArgs(
+        dim=5120, num_layers=40, num_heads=40, num_kv_heads=40, vocab_size=152064, ffn_dim=13696,
+        norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048, qkv_bias=True,
+    ),
+    # Qwen/Qwen2.5-7B: 7.62B. Released context 131072 (config.json max_position_embeddings).
+    "qwen2.5_7b": ModelArgs(
+        dim=3584, num_layers=28, num_heads=28, num_kv_heads=4, vocab_size=152064, ffn_dim=18944,
+        norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=131072, qkv_bias=True,
+    ),
+    # Qwen/Qwen2.5-14B: 14.77B. Note norm_eps 1e-5 here, unlike the 7B's 1e-6.
+    "qwen2.5_14b": ModelArgs(
+        dim=5120, num_layers=48, num_heads=40, num_kv_heads=8, vocab_size=152064, ffn_dim=13824,
+        norm_eps=1e-5, rope_theta=1000000.0, max_seq_len=131072, qkv_bias=True,
+    ),
+}
+
+
+def get_model_args(name: str) -> ModelArgs:
+    """A copy of the named ``ModelArgs``; ``ValueError`` listing the valid names otherwise."""
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, list(MODELS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Valid names: {sorted(MODELS)}")
+    return dataclasses.replace(MODELS[name])
