@@ -33,7 +33,7 @@ def test_loss_falls_on_the_default_corpus(tmp_path):
                  "--checkpoint.enabled", "false")
     losses = [result.losses[s] for s in sorted(result.losses)]
     assert math.log(8192) - 0.5 < losses[0] < math.log(8192) + 1.0  # starts near uniform over the vocab
-    assert sum(losses[-5:]) / 5 < losses[0] - 2.5, losses
+    assert sum(losses[-5:]) / 5 < losses[0] - 2.0, losses  # down by 2 nats in 40 steps
     assert result.val_losses[40] < result.val_losses[20] < losses[0]
 
 
@@ -73,23 +73,35 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
         assert accum.losses[step] == pytest.approx(big.losses[step], rel=1e-5, abs=1e-5)
 
 
-def test_data_parallel_fsdp_matches_one_process(tmp_path):
-    single = run(tmp_path / "single", "--checkpoint.enabled", "false")
+def test_data_parallel_fsdp_resumes_a_single_process_run_and_matches_it(tmp_path):
+    """FSDP over 2 gloo ranks continues a 1-process checkpoint with the 1-process losses.
+
+    Both start from the same weights (the step-2 checkpoint, resharded by DCP on load) and see the
+    same global batches (the loader's position is counted in samples, not per rank).
+    """
+    single = run(tmp_path / "single", "--checkpoint.every", "2")
+    dp2_dir = tmp_path / "dp2"
+    shutil.copytree(tmp_path / "single/checkpoints/step-00000002", dp2_dir / "checkpoints/step-00000002")
     out = tmp_path / "dp2.json"
-    torchrun(2, REPO / "tests/workers/train_losses.py", "--out", out,
-             *tiny(tmp_path / "dp2", "--training.local_batch_size", "2", "--checkpoint.enabled", "false"))
+    torchrun(2, REPO / "tests/workers/train_losses.py", "--out", out, "--config", REPO / "recipes/debug.toml",
+             *tiny(dp2_dir, "--training.local_batch_size", "2", "--checkpoint.resume", "true",
+                   "--checkpoint.every", "0"))
     dp2 = {int(k): v for k, v in json.loads(out.read_text())["losses"].items()}
-    assert sorted(dp2) == sorted(single.losses)
-    for step in single.losses:
-        assert dp2[step] == pytest.approx(single.losses[step], rel=1e-5, abs=1e-5)
+    assert sorted(dp2) == list(range(3, 9))
+    for step in dp2:
+        assert dp2[step] == pytest.approx(single.losses[step], rel=1e-5, abs=1e-5), step
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(TrainingDiverged, match=r"not finite.*last good checkpoint is .*step-00000004"):
-        run(tmp_path, "--optimizer.lr", "1e6", "--training.max_norm", "0", "--lr_scheduler.warmup_steps", "0",
-            "--lr_scheduler.name", "wsd", "--training.steps", "30", "--checkpoint.every", "4")
-    good = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert good and all(name.startswith("step-") for name in good)
+    run(tmp_path, "--training.steps", "4")
+    before = {p.name: p.stat().st_size for p in (tmp_path / "checkpoints/step-00000004").iterdir()}
+    with pytest.raises(TrainingDiverged, match=r"step \d+: loss .* not finite.*last good checkpoint is .*step-00000004"):
+        run(tmp_path, "--optimizer.lr", "1e6", "--training.max_norm", "0", "--training.steps", "30",
+            "--checkpoint.resume", "true", "--checkpoint.every", "1000", "--training.val_every", "0")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004"]
+    assert {p.name: p.stat().st_size for p in (tmp_path / "checkpoints/step-00000004").iterdir()} == before
+    resumed = run(tmp_path, "--training.steps", "6", "--checkpoint.resume", "true")  # still loadable
+    assert sorted(resumed.losses) == [5, 6]
 
 
 def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
@@ -103,7 +115,7 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
 
 
 def test_missing_dataset_fails_before_training(tmp_path):
-    with pytest.raises(Exception, match=r"no/such/corpus"):
+    with pytest.raises(ConfigError, match=r"recipes/debug.toml: \[data\] .*no/such/corpus"):
         run(tmp_path, "--data.dataset", str(tmp_path / "no/such/corpus"))
     assert not (tmp_path / "checkpoints").exists()
 
@@ -111,7 +123,7 @@ def test_missing_dataset_fails_before_training(tmp_path):
 def test_tokenizer_larger_than_model_vocab_fails(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {f"w{i}": i for i in range(9000)} | {"[UNK]": 9000}
+    vocab = {f"w{i}": i for i in range(8999)} | {"[UNK]": 8999, "</s>": 9000}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.save(str(tmp_path / "tokenizer.json"))

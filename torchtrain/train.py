@@ -17,21 +17,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from torchtrain.checkpoint import CheckpointManager, IntState, ModelAndOptimizer, RNGState
 from torchtrain.config import Config, ConfigError, load_config, parse_args
 from torchtrain.data import Batch, TokenLoader, build_datasets
+from torchtrain.loss import cross_entropy_sum
 from torchtrain.metrics import MetricsLogger, ThroughputMeter, device_peak_flops, peak_memory_bytes
 from torchtrain.models import ModelArgs, Transformer, get_model_args
 from torchtrain.optim import LRSchedule, build_optimizer
 from torchtrain.parallel import ParallelDims, build_mesh, init_distributed, parallelize
 
 logger = logging.getLogger("torchtrain")
-
-IGNORE_INDEX = -100
 
 
 class TrainingDiverged(RuntimeError):
@@ -75,14 +73,16 @@ def _train(config: Config, device: torch.device) -> TrainResult:
         (output_dir / "config.toml").write_text(config.to_toml())
         logger.info("config (saved to %s):\n%s", output_dir / "config.toml", config.to_toml())
     model_args = model_args_for(config)
-    mesh = build_mesh(dims, device)
-    dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
-    dp_group = mesh["dp"].get_group()
+    mesh, dp_mesh = build_mesh(dims, device)
+    dp_rank, dp_size, dp_group = dp_mesh.get_local_rank(), dp_mesh.size(), dp_mesh.get_group()
 
-    tokenizer, train_stream, val_stream = build_datasets(
-        config.data.dataset, config.data.text_field, config.data.tokenizer, config.data.vocab_size,
-        config.data.cache_dir, config.data.val_fraction,
-    )
+    try:
+        tokenizer, train_stream, val_stream = build_datasets(
+            config.data.dataset, config.data.text_field, config.data.tokenizer, config.data.vocab_size,
+            config.data.cache_dir, config.data.val_fraction,
+        )
+    except (FileNotFoundError, ValueError) as e:  # unusable data settings: one message, no traceback
+        raise ConfigError(f"{config.source}: [data] {e}") from e
     if tokenizer.vocab_size > model_args.vocab_size:
         raise ConfigError(
             f"{config.source}: the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the "
@@ -183,8 +183,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches:
     for batch in microbatches:
         with autocast:
             logits = model(batch.tokens, **attention_inputs(batch, config))
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        loss_sum = cross_entropy_sum(logits, batch.labels)
         (loss_sum / num_valid).backward()
         total += loss_sum.detach()
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], config.training.max_norm)
@@ -226,8 +225,7 @@ def evaluate(model: nn.Module, val_stream, config: Config, dp_rank: int, dp_size
         batch = batch.to(device)
         with autocast:
             logits = model(batch.tokens, **attention_inputs(batch, config))
-        totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(),
-                                     ignore_index=IGNORE_INDEX, reduction="sum")
+        totals[0] += cross_entropy_sum(logits, batch.labels)
         totals[1] += batch.num_valid_tokens()
     dist.all_reduce(totals, group=dp_group)
     return (totals[0] / totals[1]).item()

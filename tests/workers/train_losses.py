@@ -1,15 +1,15 @@
-"""Train with the given recipe overrides and write rank 0's per-step losses as JSON to --out."""
+"""Train with the given --config recipe and overrides and write rank 0's per-step losses as JSON to --out."""
 
 import json
 import os
 import sys
 
-from torchtrain.config import load_config
+from torchtrain.config import load_config, parse_args
 from torchtrain.train import train
 
 assert sys.argv[1] == "--out"
 out, overrides = sys.argv[2], sys.argv[3:]
-result = train(load_config(None, overrides))
+result = train(load_config(*parse_args(overrides)))
 if os.environ.get("RANK", "0") == "0":
     with open(out, "w") as f:
         json.dump({"losses": result.losses, "val_losses": result.val_losses}, f)

@@ -28,7 +28,9 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype) 
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
     # NOTE: the loss is already divided by the global number of valid tokens, so the gradients must
     # be summed across ranks, not averaged: FSDP's default division by the world size would be wrong.
+    # A divide factor of 1 with sum-only reductions is a plain SUM (no PREMUL_SUM, which gloo lacks).
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     logger.info("FSDP2 over mesh %s (%s), %d blocks", dp_mesh.mesh_dim_names, tuple(dp_mesh.shape), len(blocks))

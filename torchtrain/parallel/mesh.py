@@ -84,8 +84,11 @@ class ParallelDims:
 SUPPORTED_DIMS = ("dp_replicate", "dp_shard")
 
 
-def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh:
-    """The full named mesh, plus a flattened "dp" dimension for data loading and loss reduction."""
+def build_mesh(dims: ParallelDims, device: torch.device) -> tuple[DeviceMesh, DeviceMesh]:
+    """The full named mesh, and its data-parallel ranks flattened into one "dp" mesh.
+
+    The "dp" mesh is what data loading and the loss reduction use: ranks that see different data.
+    """
     mesh = init_device_mesh(device.type, dims.sizes, mesh_dim_names=MESH_DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    return mesh
+    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    return mesh, dp_mesh
