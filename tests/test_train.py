@@ -139,3 +139,19 @@ def test_command_line_error_is_one_message_and_exit_code_2(tmp_path):
     assert proc.returncode == 2
     assert "unknown key training.stepz" in proc.stderr and "'steps'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    common = ("--training.steps", "3", "--checkpoint.enabled", "false", "--training.val_every", "0")
+    eager = run(tmp_path / "eager", *common)
+    compiled = run(tmp_path / "compiled", *common, "--compile.enabled", "true")
+    for step in eager.losses:
+        assert compiled.losses[step] == pytest.approx(eager.losses[step], rel=1e-4), step
+
+
+def test_full_activation_checkpointing_matches_none(tmp_path):
+    common = ("--training.steps", "3", "--checkpoint.enabled", "false", "--training.val_every", "0")
+    plain = run(tmp_path / "plain", *common)
+    recomputed = run(tmp_path / "full", *common, "--activation_checkpoint.mode", "full")
+    for step in plain.losses:
+        assert recomputed.losses[step] == pytest.approx(plain.losses[step], rel=1e-6), step
