@@ -13,6 +13,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -76,33 +77,11 @@ def _train(config: Config, device: torch.device) -> TrainResult:
     mesh, dp_mesh = build_mesh(dims, device)
     dp_rank, dp_size, dp_group = dp_mesh.get_local_rank(), dp_mesh.size(), dp_mesh.get_group()
 
-    try:
-        tokenizer, train_stream, val_stream = build_datasets(
-            config.data.dataset, config.data.text_field, config.data.tokenizer, config.data.vocab_size,
-            config.data.cache_dir, config.data.val_fraction,
-        )
-    except (FileNotFoundError, ValueError) as e:  # unusable data settings: one message, no traceback
-        raise ConfigError(f"{config.source}: [data] {e}") from e
-    if tokenizer.vocab_size > model_args.vocab_size:
-        raise ConfigError(
-            f"{config.source}: the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the "
-            f"{model_args.vocab_size} embeddings of model {config.model.name!r}; use a model with a larger vocab_size "
-            f"(model.name) or a smaller tokenizer (data.tokenizer / data.vocab_size)"
-        )
-    train_loader = TokenLoader(train_stream, config.training.seq_len, config.training.local_batch_size,
-                               dp_rank, dp_size, seed=config.job.seed)
-
+    train_loader, val_loader = build_data(config, model_args, dp_rank, dp_size)
+    if config.training.deterministic:
+        torch.use_deterministic_algorithms(True)
     param_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[resolve_dtype(config, device)]
-    with torch.device("meta"):
-        model = Transformer(model_args)
-    model = parallelize(model, config, mesh, dims, device, param_dtype)
-    model.to_empty(device=device)
-    torch.manual_seed(config.job.seed)
-    with torch.no_grad():
-        model.init_weights()
-    logger.info("model %s: %.1fM parameters (%.1fM without embeddings)", config.model.name,
-                model_args.num_params(exclude_embedding=False) / 1e6,
-                model_args.num_params(exclude_embedding=True) / 1e6)
+    model = build_model(model_args, config, mesh, dims, device, param_dtype)
 
     optimizer = build_optimizer(model, config.optimizer, device)
     lr_schedule = LRSchedule(optimizer, config.lr_scheduler, config.training.steps)
@@ -153,7 +132,8 @@ def _train(config: Config, device: torch.device) -> TrainResult:
                            "memory/peak_gib": peak_memory_bytes(device) / 2**30, **meter.read(step)}
             if config.training.val_every and (step % config.training.val_every == 0
                                               or step == config.training.steps):
-                val_loss = evaluate(model, val_stream, config, dp_rank, dp_size, dp_group, device, autocast)
+                val_loss = evaluate(model, val_loader(), config.training.val_batches, config, dp_group, device,
+                                    autocast)
                 result.val_losses[step] = val_loss
                 figures.update({"loss/val": val_loss, "loss/val_perplexity": math.exp(min(val_loss, 50.0))})
             if figures:
@@ -166,6 +146,47 @@ def _train(config: Config, device: torch.device) -> TrainResult:
     if rank == 0 and config.metrics.tensorboard:
         logger.info("done. TensorBoard: tensorboard --logdir %s", output_dir / "tb")
     return result
+
+
+def build_data(config: Config, model_args: ModelArgs, dp_rank: int, dp_size: int):
+    """The training loader and a factory of validation loaders, after checking the data fits the model."""
+    try:
+        tokenizer, train_stream, val_stream = build_datasets(
+            config.data.dataset, config.data.text_field, config.data.tokenizer, config.data.vocab_size,
+            config.data.cache_dir, config.data.val_fraction,
+        )
+    except (FileNotFoundError, ValueError) as e:  # unusable data settings: one message, no traceback
+        raise ConfigError(f"{config.source}: [data] {e}") from e
+    if tokenizer.vocab_size > model_args.vocab_size:
+        raise ConfigError(
+            f"{config.source}: the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the "
+            f"{model_args.vocab_size} embeddings of model {config.model.name!r}; use a model with a larger vocab_size "
+            f"(model.name) or a smaller tokenizer (data.tokenizer / data.vocab_size)"
+        )
+    train_loader = TokenLoader(train_stream, config.training.seq_len, config.training.local_batch_size,
+                               dp_rank, dp_size, seed=config.job.seed)
+    # Validation reads the same first batches of the held-out split every time, from a fresh loader.
+    val_loader = partial(TokenLoader, val_stream, config.training.seq_len, config.training.local_batch_size,
+                         dp_rank, dp_size, seed=config.job.seed, shuffle=False, infinite=False)
+    if config.training.val_every:
+        val_loader()  # a split too small for one global batch fails now, not at the first validation
+    return train_loader, val_loader
+
+
+def build_model(model_args: ModelArgs, config: Config, mesh, dims: ParallelDims, device: torch.device,
+                param_dtype: torch.dtype) -> nn.Module:
+    """Build on the meta device, parallelize, then allocate and initialise on ``device``."""
+    with torch.device("meta"):
+        model = Transformer(model_args)
+    model = parallelize(model, config, mesh, dims, device, param_dtype)
+    model.to_empty(device=device)
+    torch.manual_seed(config.job.seed)
+    with torch.no_grad():
+        model.init_weights()
+    logger.info("model %s: %.1fM parameters (%.1fM without embeddings)", config.model.name,
+                model_args.num_params(exclude_embedding=False) / 1e6,
+                model_args.num_params(exclude_embedding=True) / 1e6)
+    return model
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches: list[Batch], config: Config,
@@ -213,14 +234,12 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val_stream, config: Config, dp_rank: int, dp_size: int,
-             dp_group: dist.ProcessGroup, device: torch.device, autocast) -> float:
-    """Mean token loss over the first ``training.val_batches`` global batches of the held-out split."""
-    loader = TokenLoader(val_stream, config.training.seq_len, config.training.local_batch_size,
-                         dp_rank, dp_size, seed=config.job.seed, shuffle=False, infinite=False)
+def evaluate(model: nn.Module, loader: TokenLoader, num_batches: int, config: Config, dp_group: dist.ProcessGroup,
+             device: torch.device, autocast) -> float:
+    """Mean token loss over the first ``num_batches`` global batches of ``loader``, on all dp ranks."""
     totals = torch.zeros(2, device=device, dtype=torch.float64)
     for i, batch in enumerate(loader):
-        if i == config.training.val_batches:
+        if i == num_batches:
             break
         batch = batch.to(device)
         with autocast:
