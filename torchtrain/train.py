@@ -24,7 +24,6 @@ from torch.distributed.tensor import DTensor
 from torchtrain.checkpoint import CheckpointManager, IntState, ModelAndOptimizer, RNGState
 from torchtrain.config import Config, ConfigError, load_config, parse_args
 from torchtrain.data import Batch, TokenLoader, build_datasets
-from torchtrain.loss import cross_entropy_sum
 from torchtrain.metrics import MetricsLogger, ThroughputMeter, device_peak_flops, peak_memory_bytes
 from torchtrain.models import ModelArgs, Transformer, get_model_args
 from torchtrain.optim import LRSchedule, build_optimizer
@@ -203,8 +202,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches:
     total = torch.zeros((), device=device)
     for batch in microbatches:
         with autocast:
-            logits = model(batch.tokens, **attention_inputs(batch, config))
-        loss_sum = cross_entropy_sum(logits, batch.labels)
+            # With labels the model returns the summed token loss, computed chunk by chunk so the
+            # [tokens x vocab] logits and their gradient never exist at once.
+            loss_sum = model(batch.tokens, labels=batch.labels, **attention_inputs(batch, config))
         (loss_sum / num_valid).backward()
         total += loss_sum.detach()
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], config.training.max_norm)
@@ -243,8 +243,7 @@ def evaluate(model: nn.Module, loader: TokenLoader, num_batches: int, config: Co
             break
         batch = batch.to(device)
         with autocast:
-            logits = model(batch.tokens, **attention_inputs(batch, config))
-        totals[0] += cross_entropy_sum(logits, batch.labels)
+            totals[0] += model(batch.tokens, labels=batch.labels, **attention_inputs(batch, config))
         totals[1] += batch.num_valid_tokens()
     dist.all_reduce(totals, group=dp_group)
     return (totals[0] / totals[1]).item()

