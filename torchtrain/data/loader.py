@@ -34,10 +34,10 @@ import torch
 from torchtrain.data.corpus import DEFAULT_CORPUS, open_corpus
 from torchtrain.data.shards import TokenStream, build_shards
 from torchtrain.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer, load_tokenizer
+from torchtrain.loss import IGNORE_INDEX  # noqa: F401 - also re-exported for the data tests
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 
 @dataclass
