@@ -3,6 +3,7 @@
     python bench/cpu_train.py                 # the recorded run (a few minutes on 2 cores)
     python bench/cpu_train.py --quick         # a smoke test (tiny shapes, one repeat)
     python bench/cpu_train.py --hf-compile    # also HF under torch.compile (a long compile)
+    python bench/cpu_train.py --paired 3      # also a same-process speed check (below)
 
 What is compared. The model is ``debug_30m`` from :mod:`torchtrain.models.registry` (30.9M parameters,
 the shape of a ``LlamaForCausalLM`` with vocab 8192, d 512, 8 layers, 8/2 heads, FFN 1408, untied),
@@ -11,10 +12,11 @@ from the SAME weights (the parent process initialises torchtrain's model, conver
 and hands it to the HF worker), so their losses agree step by step; the table prints both as a check
 that the two do the same work.
 
-* torchtrain runs its real training path: the model is built on the meta device, ``parallelize``\\ d
-  (torch.compile of the blocks on or off), materialised with ``to_empty`` + ``init_weights``; the
-  optimizer comes from ``build_optimizer`` and every step is ``torchtrain.train.train_step`` (loss,
-  backward, gradient clipping, AdamW, zero_grad) in a one-process gloo group.
+* torchtrain runs its real training path: the model comes from the trainer's ``build_model`` (meta
+  device -> ``parallelize``, with torch.compile of the blocks on or off -> ``to_empty`` ->
+  ``init_weights``), the optimizer from ``build_optimizer``, and every step is the trainer's
+  ``train_step`` (forward with the chunked loss, backward, gradient clipping, AdamW, zero_grad) in
+  a one-process gloo group.
 * transformers runs what its ``Trainer`` does by default: ``LlamaForCausalLM`` with its default
   attention (sdpa), the loss computed inside the model (``shift_labels`` = our labels, mean over
   tokens), ``clip_grad_norm_(1.0)``, ``torch.optim.AdamW(fused=True)`` (the Trainer's default
@@ -28,6 +30,14 @@ over the next ``--steps`` steps; across repeats the median of those medians is r
 right after the imports (before the model is built) is recorded too, so the model's own footprint
 (peak - imports) is visible.
 
+The machine may be shared. Each process also records its CPU time: a run whose threads got less
+than 90% of their CPUs (CPU seconds / (wall seconds x threads)) was slowed by another process, and
+its tokens/s are left out of the median (unless no run of that variant got its CPUs); the table
+names such runs. Peak memory is unaffected and always counts. ``--paired N`` adds one process that
+builds both compiled torchtrain and HF eager and interleaves their steps (N each): both see the
+same load within seconds, so the step-by-step ratio is the least noisy speed comparison this
+machine allows (it gives no memory figures: the two share the process).
+
 Model FLOP/s use the project's convention (``ModelArgs.flops_per_token``: 6·N_non-embedding +
 12·L·d·s per token, attention not halved for causality). They are compared with the machine's
 fp32 matmul rate, measured in the same run (a separate process before every repeat) on the GEMMs
@@ -36,8 +46,8 @@ this model's linear layers perform: for each projection, the forward ``x·Wᵀ``
 step would reach if it were nothing but its linear layers; attention, norms, the loss and the
 optimizer all have to fit in the difference.
 
-The machine is shared and noisy: the load average at the start and end of every process is
-recorded, and the figures are medians. Results go to ``bench/results/cpu_train.json`` (``--out``).
+The load average at the start and end of every process is recorded too. Results go to
+``bench/results/cpu_train.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -105,7 +115,8 @@ def _time_steps(step, warmup: int, steps: int) -> dict[str, list[float]]:
 # Workers (each runs in its own process)
 # ---------------------------------------------------------------------------------------------
 
-def worker_torchtrain(opts: dict) -> dict:
+def build_torchtrain(opts: dict):
+    """torchtrain's model, optimizer and batch, built the way the trainer builds them; returns (step, info)."""
     from contextlib import nullcontext
 
     import torch
@@ -116,7 +127,6 @@ def worker_torchtrain(opts: dict) -> dict:
     from torchtrain.parallel import ParallelDims, build_mesh, init_distributed
     from torchtrain.train import build_model, model_args_for, train_step
 
-    rss_imports = _rss_bytes()
     device = torch.device("cpu")
     config = Config()
     config.model.name = opts["model"]
@@ -135,24 +145,24 @@ def worker_torchtrain(opts: dict) -> dict:
     tokens, labels = _random_batch(opts["seq_len"], opts["batch_size"], args.vocab_size)
     batch = Batch(tokens, labels, torch.zeros_like(tokens, dtype=torch.int32),
                   torch.arange(opts["seq_len"]).expand_as(tokens).contiguous())
-    rss_built = _rss_bytes()
     dp_group = dp_mesh.get_group()
-    record = _time_steps(lambda: train_step(model, optimizer, [batch], config, dp_group, nullcontext())[0],
-                         opts["warmup"], opts["steps"])
-    return {**record, "rss_imports": rss_imports, "rss_built": rss_built, "threads": torch.get_num_threads(),
-            "fused_adamw": bool(optimizer.defaults.get("fused"))}
+
+    def step() -> float:
+        return train_step(model, optimizer, [batch], config, dp_group, nullcontext())[0]
+
+    return step, {"fused_adamw": bool(optimizer.defaults.get("fused"))}
 
 
-def worker_hf(opts: dict) -> dict:
+def build_hf(opts: dict):
+    """transformers' model (torchtrain's initial weights), optimizer and batch, as its Trainer would
+    train them by default; returns (step, info)."""
     import torch
     import transformers
 
-    rss_imports = _rss_bytes()
     hf_config = transformers.LlamaConfig(**opts["hf_config"])
     model = transformers.LlamaForCausalLM(hf_config)
     model.load_state_dict(torch.load(opts["weights"], mmap=True, weights_only=True), strict=True)
     model.train()
-    attn_impl = model.config._attn_implementation
     # The Trainer's grouping: no weight decay on biases and norm weights.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
@@ -162,7 +172,6 @@ def worker_hf(opts: dict) -> dict:
                                   lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=True)
     forward = torch.compile(model) if opts["compile"] else model
     tokens, labels = _random_batch(opts["seq_len"], opts["batch_size"], hf_config.vocab_size)
-    rss_built = _rss_bytes()
     params = list(model.parameters())
 
     def step() -> float:
@@ -174,9 +183,45 @@ def worker_hf(opts: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
+    return step, {"attn_implementation": model.config._attn_implementation,
+                  "transformers": transformers.__version__}
+
+
+def _worker(build, opts: dict) -> dict:
+    import torch
+
+    rss_imports = _rss_bytes()
+    step, info = build(opts)
+    rss_built = _rss_bytes()
     record = _time_steps(step, opts["warmup"], opts["steps"])
-    return {**record, "rss_imports": rss_imports, "rss_built": rss_built, "threads": torch.get_num_threads(),
-            "attn_implementation": attn_impl, "transformers": transformers.__version__}
+    return {**record, **info, "rss_imports": rss_imports, "rss_built": rss_built,
+            "threads": torch.get_num_threads()}
+
+
+def worker_torchtrain(opts: dict) -> dict:
+    return _worker(build_torchtrain, opts)
+
+
+def worker_hf(opts: dict) -> dict:
+    return _worker(build_hf, opts)
+
+
+def worker_paired(opts: dict) -> dict:
+    """Both frameworks in ONE process, their steps interleaved (A B B A A B ...): a speed check that
+    a busy machine cannot bias, since both see the same load within seconds. No memory figures."""
+    import torch
+
+    steps = {"torchtrain": build_torchtrain(opts)[0], "hf": build_hf({**opts, "compile": False})[0]}
+    for _ in range(opts["warmup"]):
+        for step in steps.values():
+            step()
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(opts["steps"]):
+        for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
+            started = time.perf_counter()
+            steps[name]()
+            seconds[name].append(time.perf_counter() - started)
+    return {"seconds": seconds, "threads": torch.get_num_threads()}
 
 
 def gemm_shapes(args, tokens: int) -> list[dict]:
@@ -194,12 +239,13 @@ def gemm_shapes(args, tokens: int) -> list[dict]:
     projections[(d, args.vocab_size)] = projections.get((d, args.vocab_size), 0) + 1
     shapes = []
     for (k, n), count in projections.items():
+        # "a" names the left operand's layout: x (forward), dy (input gradient), dyt (weight gradient).
         shapes.append({"name": f"fwd x[{tokens}x{k}]·Wt[{k}x{n}]", "m": tokens, "k": k, "n": n, "count": count,
-                       "a": "x", "b": "wt"})
+                       "a": "x"})
         shapes.append({"name": f"bwd dy[{tokens}x{n}]·W[{n}x{k}]", "m": tokens, "k": n, "n": k, "count": count,
-                       "a": "dy", "b": "w"})
+                       "a": "dy"})
         shapes.append({"name": f"bwd dyt[{n}x{tokens}]·x[{tokens}x{k}]", "m": n, "k": tokens, "n": k,
-                       "count": count, "a": "dyt", "b": "x"})
+                       "count": count, "a": "dyt"})
     return shapes
 
 
@@ -239,7 +285,7 @@ def worker_matmul(opts: dict) -> dict:
     return {"shapes": results, "gflops": total_flops / total_seconds / 1e9, "threads": torch.get_num_threads()}
 
 
-WORKERS = {"torchtrain": worker_torchtrain, "hf": worker_hf, "matmul": worker_matmul}
+WORKERS = {"torchtrain": worker_torchtrain, "hf": worker_hf, "matmul": worker_matmul, "paired": worker_paired}
 
 
 def run_worker(kind: str, opts: dict) -> dict:
@@ -302,14 +348,18 @@ def _summarise(runs: list[dict], warmup: int, tokens_per_step: int, flops_per_to
                matmul_gflops: float) -> dict:
     timed = [{key: r[key][warmup:] for key in ("seconds", "cpu_seconds", "page_faults")} for r in runs]
     per_run = [tokens_per_step / statistics.median(t["seconds"]) for t in timed]
-    tokens_per_s = statistics.median(per_run)
+    utilisation = [sum(t["cpu_seconds"]) / (sum(t["seconds"]) * r["threads"]) for t, r in zip(timed, runs)]
+    # A run that did not get its CPUs (another process took them) measures the machine's load, not
+    # the code: its tokens/s are left out of the median when at least one run had the CPUs.
+    counted = [i for i, u in enumerate(utilisation) if u >= STARVED] or list(range(len(runs)))
+    tokens_per_s = statistics.median(per_run[i] for i in counted)
     gflops = tokens_per_s * flops_per_token / 1e9
     peak = statistics.median(r["peak_rss"] for r in runs)
     imports = statistics.median(r["rss_imports"] for r in runs)
-    utilisation = [sum(t["cpu_seconds"]) / (sum(t["seconds"]) * r["threads"]) for t, r in zip(timed, runs)]
     return {
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_runs": per_run,
+        "runs_counted_for_tokens_per_s": [i + 1 for i in counted],
         "model_gflops": gflops,
         "fraction_of_matmul_rate": gflops / matmul_gflops,
         "peak_rss_bytes": peak,
@@ -359,7 +409,12 @@ def _print_table(report: dict) -> None:
                for i, u in enumerate(row["cpu_utilisation_runs"]) if u < STARVED]
     if starved:
         print(f"runs that got under {100 * STARVED:.0f}% of {report['machine']['threads']} CPUs (another process was "
-              f"running; their tokens/s are low): {', '.join(starved)}")
+              f"running), left out of tokens/s unless no run of the variant got them: {', '.join(starved)}")
+    paired = report.get("paired")
+    if paired:
+        print(f"paired (one process, {paired['steps']} interleaved steps each): torchtrain-compile "
+              f"{paired['torchtrain_compile_tokens_per_s']:.0f} vs hf-eager {paired['hf_eager_tokens_per_s']:.0f} "
+              f"tokens/s: {paired['speedup']:.2f}x (median of the step-by-step ratios)")
     for verdict in report["targets"]:
         print(verdict)
 
@@ -374,11 +429,15 @@ def _targets(rows: dict) -> list[str]:
         speed = row["tokens_per_s"] / ref["tokens_per_s"]
         memory = row["peak_rss_bytes"] / ref["peak_rss_bytes"]
         frac = row["fraction_of_matmul_rate"]
+
+        def verdict(ok: bool) -> str:
+            return "met" if ok else "NOT met"
+
         lines.append(
-            f"target {name}: tokens/s {speed:.2f}x HF (>= {TARGET_SPEEDUP}x: {'met' if speed >= TARGET_SPEEDUP else 'NOT met'}), "
+            f"target {name}: tokens/s {speed:.2f}x HF (>= {TARGET_SPEEDUP}x: {verdict(speed >= TARGET_SPEEDUP)}), "
             f"{100 * frac:.1f}% of matmul rate (>= {100 * TARGET_MATMUL_FRACTION:.0f}%: "
-            f"{'met' if frac >= TARGET_MATMUL_FRACTION else 'NOT met'}), peak RSS {memory:.2f}x HF "
-            f"(<= {TARGET_MEMORY}x: {'met' if memory <= TARGET_MEMORY else 'NOT met'})")
+            f"{verdict(frac >= TARGET_MATMUL_FRACTION)}), peak RSS {memory:.2f}x HF "
+            f"(<= {TARGET_MEMORY}x: {verdict(memory <= TARGET_MEMORY)})")
     return lines
 
 
@@ -393,7 +452,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="debug_30m", help="a torchtrain.models.registry name")
     parser.add_argument("--variants", default="torchtrain-compile,torchtrain-eager,hf-eager",
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
-    parser.add_argument("--hf-compile", action="store_true", help="add hf-compile (torch.compile of the whole HF model)")
+    parser.add_argument("--hf-compile", action="store_true",
+                        help="add hf-compile (torch.compile of the whole HF model)")
+    parser.add_argument("--paired", type=int, default=0, metavar="STEPS",
+                        help="also time compiled torchtrain and HF eager in ONE process, STEPS steps each, "
+                             "interleaved: a speed ratio a busy machine cannot bias (default 0: off)")
     parser.add_argument("--matmul-iters", type=int, default=5, help="timed calls per GEMM shape")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: seq 64, batch 2, 1 warmup + 2 steps, 1 repeat")
@@ -448,6 +511,18 @@ def main(argv: list[str] | None = None) -> None:
                       f"{result['peak_rss'] / 1e9:.2f} GB, {result['wall_s']:.0f}s "
                       f"(load {result['load_before']:.1f}->{result['load_after']:.1f})", flush=True)
 
+        paired = None
+        if a.paired:
+            result = run_worker("paired", {**common, "compile": True, "steps": a.paired})
+            tt, hf = result["seconds"]["torchtrain"], result["seconds"]["hf"]
+            paired = {"steps": a.paired, "torchtrain_compile_tokens_per_s": tokens_per_step / statistics.median(tt),
+                      "hf_eager_tokens_per_s": tokens_per_step / statistics.median(hf),
+                      "speedup": statistics.median(tt_hf for tt_hf in (h / t for t, h in zip(tt, hf))),
+                      "seconds": result["seconds"], "load_before": result["load_before"],
+                      "load_after": result["load_after"]}
+            print(f"[paired] torchtrain-compile {paired['torchtrain_compile_tokens_per_s']:.0f} tokens/s, hf-eager "
+                  f"{paired['hf_eager_tokens_per_s']:.0f} tokens/s in one process", flush=True)
+
     matmul_gflops = statistics.median(r["gflops"] for r in matmul_runs)
     rows = {name: _summarise(runs[name], a.warmup, tokens_per_step, flops_per_token, matmul_gflops)
             for name in variants}
@@ -472,6 +547,7 @@ def main(argv: list[str] | None = None) -> None:
         "matmul_gflops_runs": [r["gflops"] for r in matmul_runs],
         "matmul_shapes": matmul_runs[0]["shapes"],
         "variants": rows,
+        "paired": paired,
         "targets": _targets(rows),
         "wall_s": time.perf_counter() - started,
     }
