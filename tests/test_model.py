@@ -16,8 +16,7 @@ def _meta_init(args: ModelArgs, seed: int) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.init_weights()
+    model.init_weights(seed=seed)
     return model
 
 
@@ -43,8 +42,7 @@ def test_meta_init_is_deterministic():
 def test_init_weights_on_a_normally_built_model_matches_meta_build():
     torch.manual_seed(123)
     model = Transformer(TINY)
-    torch.manual_seed(0)
-    model.init_weights()
+    model.init_weights(seed=0)
     meta_built = _state(_meta_init(TINY, 0))
     for name, t in _state(model).items():
         assert torch.equal(t, meta_built[name]), name
@@ -214,3 +212,19 @@ def test_flops_per_token_convention():
     tied = dataclasses.replace(args, tie_embeddings=True)
     assert tied.flops_per_token(2048) == args.flops_per_token(2048)
     assert tied.num_params() == args.num_params() - args.vocab_size * args.dim
+
+
+def test_a_block_draws_the_same_values_whatever_else_the_module_holds():
+    # A pipeline stage keeps some blocks and drops the embedding or the output; its blocks must
+    # start from the values the whole model gives them.
+    full = _meta_init(TINY, 7)
+    with torch.device("meta"):
+        stage = Transformer(TINY)
+    del stage.layers["0"], stage.layers["1"]
+    stage.tok_embeddings = None
+    stage.to_empty(device="cpu")
+    stage.init_weights(seed=7)
+    full_state = _state(full)
+    for name, t in _state(stage).items():
+        assert torch.equal(t, full_state[name]), name
+

@@ -5,10 +5,10 @@ import logging
 import pytest
 import torch
 
-from torchtrain.config import ConfigError, Parallelism
+from torchtrain.config import Config, ConfigError, Parallelism, Training
 from torchtrain.models import Transformer, get_model_args
 from torchtrain.parallel.compile import apply_compile
-from torchtrain.parallel.mesh import ParallelDims
+from torchtrain.parallel.mesh import ParallelDims, check_layout
 
 
 def test_dp_shard_takes_what_is_left():
@@ -24,8 +24,44 @@ def test_sizes_must_multiply_to_the_world_size():
 
 
 def test_dimensions_not_yet_available_are_named():
-    with pytest.raises(ConfigError, match=r"\{'tp': 2\} is not available.*dp_replicate, dp_shard"):
-        ParallelDims.resolve(Parallelism(tp=2), world_size=2)
+    with pytest.raises(ConfigError, match=r"\{'cp': 2\} is not available.*pp, dp_replicate, dp_shard, tp"):
+        ParallelDims.resolve(Parallelism(cp=2), world_size=2)
+
+
+def _layout(world_size: int, **settings) -> None:
+    """Resolve and check a layout of the debug model (8 heads, 2 KV heads, 4 blocks, FFN 704)."""
+    training = {k: settings.pop(k) for k in ("seq_len", "local_batch_size") if k in settings}
+    config = Config(parallelism=Parallelism(**settings), training=Training(**training))
+    config.source = "recipes/x.toml"
+    dims = ParallelDims.resolve(config.parallelism, world_size)
+    check_layout(dims, config, get_model_args("debug"))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(tp=4), r"parallelism.tp = 4 is invalid for model 'debug': tensor parallelism splits num_kv_heads \(2\)"
+                 r".*valid tp: \[1, 2\]"),
+    (dict(tp=2, seq_len=255), r"sequence parallelism splits training.seq_len \(255\)"),
+    (dict(pp=8), r"parallelism.pp = 8 .* 8 stages, but the model has only 4 blocks"),
+    (dict(pp=2, pp_schedule="interleaved_1f1b", pp_stages_per_rank=4), r"8 stages, but the model has only 4"),
+    (dict(pp=2, pp_schedule="1f1b", pp_stages_per_rank=2), r"'1f1b' runs one stage per rank"),
+    (dict(pp=2, pp_schedule="zbv", pp_stages_per_rank=1), r"zbv schedule places exactly 2 stages per rank"),
+    (dict(pp=2, pp_layers_per_stage=[1, 2]), r"must list 2 positive block counts .* summing to 4"),
+    (dict(pp=2, pp_layers_per_stage=[4, 0]), r"must list 2 positive block counts"),
+    (dict(pp=2, pp_microbatches=3, local_batch_size=8), r"pp_microbatches = 3 .* divide training.local_batch_size"),
+    (dict(pp=2, local_batch_size=1), r"pp_microbatches = 1 .* 1f1b needs at least as many microbatches"),
+    (dict(pp=2, pp_schedule="interleaved_zb", local_batch_size=6, pp_microbatches=3), r"must be a multiple of 2"),
+])
+def test_impossible_layouts_fail_before_the_model_is_built(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        _layout(2 * settings.get("pp", 1) * settings.get("tp", 1), **settings)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(tp=2, dp_shard=4), dict(pp=2, tp=2, dp_shard=2), dict(pp=2, pp_layers_per_stage=[1, 3]),
+    dict(pp=2, pp_schedule="interleaved_1f1b"), dict(pp=2, pp_schedule="zbv", local_batch_size=4),
+])
+def test_possible_layouts_pass(settings):
+    _layout(8, **{"dp_shard": -1, **settings})
 
 
 def test_compile_falls_back_to_eager_with_a_warning(monkeypatch, caplog):

@@ -106,9 +106,21 @@ class Parallelism:
 
     dp_replicate: int = 1  # replicated data-parallel groups (HSDP's outer dimension)
     dp_shard: int = -1  # sharded data-parallel degree (FSDP); -1 = whatever the others leave
-    tp: int = 1  # tensor parallel
-    pp: int = 1  # pipeline parallel
+    tp: int = 1  # tensor parallel, with sequence parallel and loss parallel (must divide the head counts)
+    pp: int = 1  # pipeline parallel ranks; each holds pp_stages_per_rank stages of consecutive blocks
     cp: int = 1  # context parallel
+    # What FSDP does with a block's gathered parameters after its forward. "always" frees them and
+    # gathers again for the backward: parameters, gradients and optimizer state all sharded, like
+    # DeepSpeed ZeRO-3. "never" keeps them until the backward: one all-gather less per block, the
+    # memory of ZeRO-2 (sharded gradients and optimizer state). "default": "always", except for the
+    # last block (which the backward needs at once) and under pipeline parallelism ("never", since
+    # each microbatch would otherwise gather again).
+    fsdp_reshard_after_forward: str = "default"
+    fsdp_cpu_offload: bool = False  # sharded parameters, gradients and optimizer step on the CPU
+    pp_schedule: str = "1f1b"  # gpipe, 1f1b, interleaved_1f1b, interleaved_zb, zbv
+    pp_stages_per_rank: int = 0  # 0: 1 for gpipe/1f1b, 2 for the interleaved and zbv schedules
+    pp_microbatches: int = 0  # microbatches per pipeline step, split from local_batch_size; 0: one per sample
+    pp_layers_per_stage: list[int] = field(default_factory=list)  # explicit split; empty: balanced by cost
 
 
 @dataclass
@@ -152,6 +164,8 @@ CHOICES = {
     ("lr_scheduler", "name"): ("cosine", "linear", "wsd"),
     ("compile", "backend"): ("inductor", "aot_eager", "eager"),
     ("activation_checkpoint", "mode"): ("none", "full"),
+    ("parallelism", "fsdp_reshard_after_forward"): ("default", "always", "never"),
+    ("parallelism", "pp_schedule"): ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"),
 }
 
 

@@ -28,6 +28,7 @@ from torchtrain.metrics import MetricsLogger, ThroughputMeter, device_peak_flops
 from torchtrain.models import ModelArgs, Transformer, get_model_args
 from torchtrain.optim import LRSchedule, build_optimizer
 from torchtrain.parallel import ParallelDims, build_mesh, init_distributed, parallelize
+from torchtrain.parallel.init import full_parameters
 
 logger = logging.getLogger("torchtrain")
 
@@ -179,9 +180,7 @@ def build_model(model_args: ModelArgs, config: Config, mesh, dims: ParallelDims,
         model = Transformer(model_args)
     model = parallelize(model, config, mesh, dims, device, param_dtype)
     model.to_empty(device=device)
-    torch.manual_seed(config.job.seed)
-    with torch.no_grad():
-        model.init_weights()
+    model.init_weights(seed=config.job.seed, unit_scope=full_parameters)
     logger.info("model %s: %.1fM parameters (%.1fM without embeddings)", config.model.name,
                 model_args.num_params(exclude_embedding=False) / 1e6,
                 model_args.num_params(exclude_embedding=True) / 1e6)

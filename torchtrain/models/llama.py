@@ -14,7 +14,7 @@ Building and initialising, the way the trainer does it::
         model = Transformer(args)      # no memory allocated
     # ... parallelize (TP, activation checkpointing, compile, FSDP) ...
     model.to_empty(device="cuda")
-    model.init_weights()               # draws from torch's global RNG (seeded by the trainer)
+    model.init_weights(seed=0)         # the same values under every parallel layout
 
 The model knows nothing of parallelism. A pipeline splitter may delete blocks from
 ``layers`` (a ``ModuleDict`` keyed by the block index, so the remaining names stay stable)
@@ -25,8 +25,10 @@ states in and/or gives hidden states out.
 from __future__ import annotations
 
 import math
+import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
@@ -246,10 +248,10 @@ class Attention(nn.Module):
         out = attention(q, k, v, backend=self.backend, causal=True, document_ids=document_ids)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
 
-    def init_weights(self, std: float, out_std: float) -> None:
+    def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator]) -> None:
         for linear in (self.wq, self.wk, self.wv):
-            _init_linear(linear, std)
-        _init_linear(self.wo, out_std)
+            _init_linear(linear, std, generator)
+        _init_linear(self.wo, out_std, generator)
 
 
 class FeedForward(nn.Module):
@@ -264,10 +266,10 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        _init_linear(self.w1, std)
-        _init_linear(self.w3, std)
-        _init_linear(self.w2, out_std)
+    def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator]) -> None:
+        _init_linear(self.w1, std, generator)
+        _init_linear(self.w3, std, generator)
+        _init_linear(self.w2, out_std, generator)
 
 
 class TransformerBlock(nn.Module):
@@ -285,15 +287,15 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), rope_cos, rope_sin, document_ids)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def init_weights(self, std: float, out_std: float) -> None:
+    def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator]) -> None:
         self.attention_norm.reset_parameters()
-        self.attention.init_weights(std, out_std)
+        self.attention.init_weights(std, out_std, generator)
         self.ffn_norm.reset_parameters()
-        self.feed_forward.init_weights(std, out_std)
+        self.feed_forward.init_weights(std, out_std, generator)
 
 
-def _init_linear(linear: nn.Linear, std: float) -> None:
-    nn.init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+def _init_linear(linear: nn.Linear, std: float, generator: Optional[torch.Generator]) -> None:
+    nn.init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
     if linear.bias is not None:
         nn.init.zeros_(linear.bias)
 
@@ -319,7 +321,8 @@ class Transformer(nn.Module):
       given, the model returns the summed token cross-entropy (an fp32 scalar, equal to
       ``loss.cross_entropy_sum(model(tokens), labels)``) computed chunk by chunk by
       :func:`~torchtrain.loss.linear_cross_entropy_sum`, so the ``[B, S, vocab_size]`` logits
-      and their gradient are never held at once: training should call it this way.
+      and their gradient are never held at once: training should call it this way. A model
+      without an output projection (an earlier pipeline stage) ignores them.
 
     Returns logits ``[B, S, vocab_size]`` in the parameter dtype (the loss upcasts), the loss
     when ``labels`` are given, or the hidden states when ``output`` is ``None``.
@@ -353,9 +356,7 @@ class Transformer(nn.Module):
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:
-            if labels is not None:
-                raise ValueError("labels were given to a model without an output projection (an earlier pipeline "
-                                 "stage); only the last stage computes the loss")
+            # An earlier pipeline stage: it hands its hidden states on; the last stage uses the labels.
             return h
         if labels is None:
             return self.output(h)
@@ -376,8 +377,17 @@ class Transformer(nn.Module):
         return cos, sin
 
     @torch.no_grad()
-    def init_weights(self, buffer_device: Optional[torch.device] = None) -> None:
-        """(Re)initialise every parameter and buffer, deterministically from torch's global RNG.
+    def init_weights(self, seed: int = 0, buffer_device: Optional[torch.device] = None,
+                     unit_scope: Callable[[nn.Module], ContextManager] = lambda unit: nullcontext()) -> None:
+        """(Re)initialise every parameter and buffer, deterministically from ``seed``.
+
+        Each unit (the embedding, every block, the final norm, the output projection) draws from
+        its own generator, seeded by ``seed`` and the unit's name, so its values do not depend on
+        which other units a module holds (a pipeline stage) or on the order they are visited.
+        ``unit_scope(unit)`` is entered around each unit's initialisation: parallel code uses it
+        to present a sharded unit's parameters as full tensors (see
+        ``torchtrain.parallel.init.full_parameters``), so every layout gets the values one process
+        would, while only one unit is ever held whole.
 
         * embeddings: normal, std 0.02;
         * linears: truncated normal (at 3 std), std 0.02, except the projections that write
@@ -401,14 +411,28 @@ class Transformer(nn.Module):
 
         std = 0.02
         out_std = std / math.sqrt(2 * self.args.num_layers)
+
+        def generator(unit: str, module: nn.Module) -> Optional[torch.Generator]:
+            device = next(module.parameters()).device
+            if device.type == "meta":  # nothing to draw (a shape-only model); buffers are still set
+                return None
+            return torch.Generator(device).manual_seed(zlib.crc32(f"{seed}/{unit}".encode()))
+
         if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
-        for layer in self.layers.values():
-            layer.init_weights(std, out_std)
+            with unit_scope(self.tok_embeddings):
+                nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std,
+                                generator=generator("tok_embeddings", self.tok_embeddings))
+        for name, layer in self.layers.items():
+            with unit_scope(layer):
+                layer.init_weights(std, out_std, generator(f"layers.{name}", layer))
         if self.norm is not None:
             self.norm.reset_parameters()
-        if self.output is not None:
-            if not self.args.tie_embeddings:
-                _init_linear(self.output, std)
-            elif self.tok_embeddings is None:  # tied, but the embedding is on another pipeline stage
-                nn.init.normal_(self.output.weight, mean=0.0, std=std)
+        if self.output is not None and not (self.args.tie_embeddings and self.tok_embeddings is not None):
+            # Tied and on the same module: the embedding's values are the output's. Tied but on
+            # another pipeline stage: drawn like the embedding, from the embedding's seed.
+            with unit_scope(self.output):
+                if self.args.tie_embeddings:
+                    nn.init.normal_(self.output.weight, mean=0.0, std=std,
+                                    generator=generator("tok_embeddings", self.output))
+                else:
+                    _init_linear(self.output, std, generator("output", self.output))

@@ -1,4 +1,4 @@
-"""FSDP2 (fully_shard) over the data-parallel mesh dimensions: ZeRO-3 sharding, or HSDP."""
+"""FSDP2 (fully_shard) over the data-parallel mesh dimensions: ZeRO-3 / ZeRO-2 sharding, or HSDP."""
 
 from __future__ import annotations
 
@@ -7,25 +7,34 @@ import logging
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 logger = logging.getLogger(__name__)
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: str,
+               cpu_offload: bool, pipelined: bool) -> None:
     """Shard each block, then the root (embeddings, final norm, output) over ``dp_mesh``.
 
     A 1-D mesh shards (FSDP); a 2-D (dp_replicate, dp_shard) mesh replicates across the first
-    dimension and shards across the second (HSDP). Parameters are kept in fp32 and cast to
+    dimension and shards across the second (HSDP). Parameters already sharded by tensor
+    parallelism become 2-D (or 3-D) DTensors. Parameters are kept in fp32 and cast to
     ``param_dtype`` for compute; gradients are reduced in fp32.
+
+    ``reshard_after_forward`` is the recipe's ``parallelism.fsdp_reshard_after_forward``:
+    "always" (ZeRO-3), "never" (ZeRO-2: gathered parameters live from a block's forward to its
+    backward) or "default" (see :func:`_reshard_policy`).
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
-        # NOTE: the last block's parameters would be gathered again at once by the backward, so
-        # keeping them unsharded after the forward saves one all-gather for free.
-        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, offload_policy=offload,
+                    reshard_after_forward=_reshard_policy(reshard_after_forward, i == len(blocks) - 1, pipelined))
+    # NOTE: the root's parameters (embedding, final norm, output) are used once per forward at its two
+    # ends; FSDP keeps the root's unsharded until the backward regardless.
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy, offload_policy=offload,
+                reshard_after_forward=_reshard_policy(reshard_after_forward, False, pipelined))
     # NOTE: the loss is already divided by the global number of valid tokens, so the gradients must
     # be summed across ranks, not averaged: FSDP's default division by the world size would be wrong.
     # A divide factor of 1 with sum-only reductions is a plain SUM (no PREMUL_SUM, which gloo lacks).
@@ -33,4 +42,20 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype) 
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
-    logger.info("FSDP2 over mesh %s (%s), %d blocks", dp_mesh.mesh_dim_names, tuple(dp_mesh.shape), len(blocks))
+    logger.info("FSDP2 over mesh %s %s, %d blocks, reshard after forward: %s%s", dp_mesh.mesh_dim_names,
+                tuple(dp_mesh.shape), len(blocks), reshard_after_forward, ", CPU offload" if cpu_offload else "")
+
+
+def _reshard_policy(setting: str, is_last_block: bool, pipelined: bool) -> bool:
+    """Whether a module frees its gathered parameters after its forward.
+
+    NOTE (the "default"): the last block's parameters would be gathered again at once by the
+    backward, so keeping them saves one all-gather for free. Under pipeline parallelism a stage
+    runs the forwards of several microbatches before their backwards, so resharding would repeat
+    the all-gather for every microbatch; the stage keeps its parameters gathered instead.
+    """
+    if setting == "always":
+        return True
+    if setting == "never":
+        return False
+    return not (is_last_block or pipelined)

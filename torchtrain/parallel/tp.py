@@ -1,0 +1,112 @@
+"""Tensor parallelism (Megatron-style) with sequence parallelism, applied to a ``Transformer`` from outside.
+
+Within a block, the attention heads and the feed-forward hidden units are split across the ``tp``
+ranks: ``wq/wk/wv`` and ``w1/w3`` are column-parallel (each rank computes its own heads / hidden
+units from the full input), ``wo`` and ``w2`` are row-parallel (each rank contributes a partial sum
+of the output). Between those regions, the residual stream, the RMSNorms and the embedding output
+are sharded along the sequence (sequence parallelism), so the norms' work and the activations they
+save are split ``tp`` ways too. The communication per block is then one all-gather of the sequence
+before each of attention and feed-forward, and one reduce-scatter after each (instead of two
+all-reduces without sequence parallelism: the same bytes, but 1/tp of the activations).
+
+The output projection is vocabulary-parallel (its weight sharded by rows): the loss
+(:func:`torchtrain.loss.linear_cross_entropy_sum`) sees a sharded weight and sequence-sharded hidden
+states and computes the cross-entropy without ever gathering the logits or the weight.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["apply_tp"]
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard ``model`` (a :class:`~torchtrain.models.llama.Transformer`) over the 1-D ``tp_mesh``, in place.
+
+    Works on a model on the meta device (parameters become meta DTensors; materialise with
+    ``to_empty`` and ``init_weights`` afterwards) and on a materialised one (rank 0's weights are
+    scattered / broadcast). Apply it before activation checkpointing, ``torch.compile`` and FSDP,
+    which then see DTensor parameters (FSDP shards them further over the data-parallel mesh).
+
+    What the ranks then hold and exchange:
+
+    * the embedding table is sharded by vocabulary rows; its output is the residual stream,
+      sharded along the sequence (``Shard(1)``) as a DTensor from there on;
+    * each block gathers the sequence before attention and feed-forward and reduce-scatters after;
+    * the output projection's weight is sharded by vocabulary rows (``Shard(0)``). With labels, the
+      model's loss is computed vocabulary-parallel from the norm's sequence-sharded output; without,
+      the model returns vocabulary-sharded logits (a DTensor ``Shard(-1)``: ``full_tensor()`` them
+      or use ``torch.distributed.tensor.parallel.loss_parallel``).
+
+    The caller must feed every tp rank the same full ``[B, S]`` tokens, positions, document ids and
+    labels, with ``S`` divisible by the tp size. Raises ``ValueError`` if the tp size does not
+    divide the head counts, the feed-forward width or the vocabulary.
+    """
+    if tp_mesh.ndim != 1:
+        raise ValueError(f"apply_tp needs a 1-D tensor-parallel mesh, got {tp_mesh.ndim}-D {tp_mesh}")
+    tp = tp_mesh.size()
+    args = model.args
+    for name in ("num_heads", "num_kv_heads", "ffn_dim", "vocab_size"):
+        if getattr(args, name) % tp:
+            raise ValueError(
+                f"tensor parallelism tp={tp} must divide ModelArgs.{name}={getattr(args, name)}; "
+                f"choose a tp size that divides num_heads, num_kv_heads, ffn_dim and vocab_size")
+
+    # NOTE: the embedding's output stays a DTensor (use_local_output=False), and so does the whole
+    # residual stream: the model derives the RoPE rows from ``h.shape[1]``, which must be the full
+    # sequence length (a DTensor's shape is global; a local shard's would be S / tp). The blocks'
+    # residual adds are then DTensor + DTensor (both Shard(1)), a local add.
+    root_plan = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                                          use_local_output=False),
+        "norm": SequenceParallel(),
+        # NOTE: the weight is sharded Shard(0) (by vocabulary): the loss path uses it directly, so the
+        # hooks of this style only run for the logits path (``model(tokens)`` without labels).
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+    }
+    root_plan = {name: style for name, style in root_plan.items() if getattr(model, name, None) is not None}
+    parallelize_module(model, tp_mesh, root_plan)
+
+    # NOTE: parallelize_module registers fresh parameters per module, which unties a shared
+    # embedding/output weight; both are sharded Shard(0) over the vocabulary, so tie them again.
+    if args.tie_embeddings and model.tok_embeddings is not None and model.output is not None:
+        model.output.weight = model.tok_embeddings.weight
+
+    for block in model.layers.values():
+        block_plan = {
+            "attention_norm": SequenceParallel(),
+            # The block calls attention(x, rope_cos, rope_sin, document_ids): only x is sharded; the
+            # RoPE rows and document ids are plain full-sequence tensors on every rank.
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        }
+        # NOTE: PrepareModuleInput keeps the gathered input a Replicate DTensor (use_local_output=False)
+        # so that in the backward the partial input-gradients of wq, wk and wv (w1 and w3) are summed
+        # first and reduce-scattered once, instead of being all-reduced once per projection.
+        parallelize_module(block, tp_mesh, block_plan)
+
+    logger.info("tensor parallel: tp=%d, sequence parallel, vocabulary-parallel output and loss "
+                "(%s, %d blocks)", tp, ", ".join(root_plan) or "no root modules", len(model.layers))
