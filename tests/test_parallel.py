@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from torchtrain.config import Config, ConfigError, Parallelism, Training
+from torchtrain.config import Compile, Config, ConfigError, Parallelism, Training
 from torchtrain.models import Transformer, get_model_args
 from torchtrain.parallel.compile import apply_compile
 from torchtrain.parallel.mesh import ParallelDims, check_layout
@@ -31,7 +31,8 @@ def test_dimensions_not_yet_available_are_named():
 def _layout(world_size: int, **settings) -> None:
     """Resolve and check a layout of the debug model (8 heads, 2 KV heads, 4 blocks, FFN 704)."""
     training = {k: settings.pop(k) for k in ("seq_len", "local_batch_size") if k in settings}
-    config = Config(parallelism=Parallelism(**settings), training=Training(**training))
+    compile_ = Compile(enabled=settings.pop("compile", False))
+    config = Config(parallelism=Parallelism(**settings), training=Training(**training), compile=compile_)
     config.source = "recipes/x.toml"
     dims = ParallelDims.resolve(config.parallelism, world_size)
     check_layout(dims, config, get_model_args("debug"))
@@ -40,16 +41,18 @@ def _layout(world_size: int, **settings) -> None:
 @pytest.mark.parametrize("settings, message", [
     (dict(tp=4), r"parallelism.tp = 4 is invalid for model 'debug': tensor parallelism splits num_kv_heads \(2\)"
                  r".*valid tp: \[1, 2\]"),
-    (dict(tp=2, seq_len=255), r"sequence parallelism splits training.seq_len \(255\)"),
-    (dict(pp=8), r"parallelism.pp = 8 .* 8 stages, but the model has only 4 blocks"),
-    (dict(pp=2, pp_schedule="interleaved_1f1b", pp_stages_per_rank=4), r"8 stages, but the model has only 4"),
+    (dict(tp=2, seq_len=255), r"training.seq_len = 255: sequence parallelism splits the sequence"),
+    (dict(pp=8), r"8 pipeline stages .* but the model has only 4 blocks"),
+    (dict(pp=2, pp_schedule="interleaved_1f1b", pp_stages_per_rank=4), r"8 pipeline stages .* only 4 blocks"),
     (dict(pp=2, pp_schedule="1f1b", pp_stages_per_rank=2), r"'1f1b' runs one stage per rank"),
-    (dict(pp=2, pp_schedule="zbv", pp_stages_per_rank=1), r"zbv schedule places exactly 2 stages per rank"),
-    (dict(pp=2, pp_layers_per_stage=[1, 2]), r"must list 2 positive block counts .* summing to 4"),
-    (dict(pp=2, pp_layers_per_stage=[4, 0]), r"must list 2 positive block counts"),
-    (dict(pp=2, pp_microbatches=3, local_batch_size=8), r"pp_microbatches = 3 .* divide training.local_batch_size"),
-    (dict(pp=2, local_batch_size=1), r"pp_microbatches = 1 .* 1f1b needs at least as many microbatches"),
-    (dict(pp=2, pp_schedule="interleaved_zb", local_batch_size=6, pp_microbatches=3), r"must be a multiple of 2"),
+    (dict(pp=2, pp_schedule="zbv", pp_stages_per_rank=1), r"'zbv' needs exactly 2 stages per rank"),
+    (dict(pp=2, pp_layers_per_stage=[1, 2]), r"pp_layers_per_stage=\[1, 2\] sums to 3, but the model has 4 blocks"),
+    (dict(pp=2, pp_schedule="interleaved_1f1b", pp_layers_per_stage=[1, 0, 2, 1]),
+     r"every stage but the first and last needs at least 1 block"),
+    (dict(pp=2, pp_microbatches=3, local_batch_size=8), r"pp_microbatches=3 must divide training.local_batch_size=8"),
+    (dict(pp=2, local_batch_size=1), r"'1f1b' needs at least one microbatch per stage"),
+    (dict(pp=2, pp_schedule="interleaved_zb", local_batch_size=9, pp_microbatches=9), r"must be a multiple of 4"),
+    (dict(pp=2, pp_schedule="zbv", compile=True), r"compile.enabled = false"),
 ])
 def test_impossible_layouts_fail_before_the_model_is_built(settings, message):
     with pytest.raises(ConfigError, match=message):
@@ -59,6 +62,7 @@ def test_impossible_layouts_fail_before_the_model_is_built(settings, message):
 @pytest.mark.parametrize("settings", [
     dict(tp=2, dp_shard=4), dict(pp=2, tp=2, dp_shard=2), dict(pp=2, pp_layers_per_stage=[1, 3]),
     dict(pp=2, pp_schedule="interleaved_1f1b"), dict(pp=2, pp_schedule="zbv", local_batch_size=4),
+    dict(pp=2, pp_schedule="interleaved_1f1b", pp_layers_per_stage=[1, 1, 2, 0]),
 ])
 def test_possible_layouts_pass(settings):
     _layout(8, **{"dp_shard": -1, **settings})

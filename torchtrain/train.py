@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -27,8 +28,10 @@ from torchtrain.data import Batch, TokenLoader, build_datasets
 from torchtrain.metrics import MetricsLogger, ThroughputMeter, device_peak_flops, peak_memory_bytes
 from torchtrain.models import ModelArgs, Transformer, get_model_args
 from torchtrain.optim import LRSchedule, build_optimizer
-from torchtrain.parallel import ParallelDims, build_mesh, init_distributed, parallelize
+from torchtrain.parallel import ParallelDims, build_mesh, check_layout, init_distributed, parallelize
 from torchtrain.parallel.init import full_parameters
+from torchtrain.parallel.mesh import pipeline_settings
+from torchtrain.parallel.pp import Pipeline, build_pipeline, build_stage, merge_stages, split_layers, stage_ids_for_rank
 
 logger = logging.getLogger("torchtrain")
 
@@ -40,6 +43,7 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class TrainResult:
     losses: dict[int, float]  # global mean training loss of every step run
+    grad_norms: dict[int, float]  # total gradient norm (before clipping) of every step run
     val_losses: dict[int, float]
     output_dir: Path
 
@@ -74,6 +78,10 @@ def _train(config: Config, device: torch.device) -> TrainResult:
         (output_dir / "config.toml").write_text(config.to_toml())
         logger.info("config (saved to %s):\n%s", output_dir / "config.toml", config.to_toml())
     model_args = model_args_for(config)
+    check_layout(dims, config, model_args)
+    if config.parallelism.fsdp_cpu_offload and device.type != "cuda":
+        raise ConfigError(f"{config.source}: parallelism.fsdp_cpu_offload = true moves GPU memory to the CPU, "
+                          f"but this run is on {device.type}; set it to false")
     mesh, dp_mesh = build_mesh(dims, device)
     dp_rank, dp_size, dp_group = dp_mesh.get_local_rank(), dp_mesh.size(), dp_mesh.get_group()
 
@@ -81,7 +89,8 @@ def _train(config: Config, device: torch.device) -> TrainResult:
     if config.training.deterministic:
         torch.use_deterministic_algorithms(True)
     param_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[resolve_dtype(config, device)]
-    model = build_model(model_args, config, mesh, dims, device, param_dtype)
+    parts = build_model(model_args, config, mesh, dims, device, param_dtype)
+    model = parts.model
 
     optimizer = build_optimizer(model, config.optimizer, device)
     lr_schedule = LRSchedule(optimizer, config.lr_scheduler, config.training.steps)
@@ -101,17 +110,17 @@ def _train(config: Config, device: torch.device) -> TrainResult:
 
     # Mixed precision without FSDP is autocast; with FSDP its MixedPrecisionPolicy casts parameters.
     autocast = (torch.autocast(device.type, dtype=param_dtype)
-                if param_dtype != torch.float32 and dims.dp == 1 else nullcontext())
+                if param_dtype != torch.float32 and not uses_fsdp(config, dims) else nullcontext())
     meter = ThroughputMeter(model_args.flops_per_token(config.training.seq_len), device_peak_flops(device),
                             config.training.steps)
     metrics = MetricsLogger(output_dir / "tb", enabled=rank == 0 and config.metrics.tensorboard)
-    result = TrainResult({}, {}, output_dir)
+    result = TrainResult({}, {}, {}, output_dir)
     batches = iter(train_loader)
     try:
         for step in range(start_step + 1, config.training.steps + 1):
             started = time.perf_counter()
             microbatches = [next(batches).to(device) for _ in range(config.training.grad_accum_steps)]
-            loss, grad_norm = train_step(model, optimizer, microbatches, config, dp_group, autocast)
+            loss, grad_norm = train_step(parts, optimizer, microbatches, config, dp_group, autocast)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 last = checkpoints.latest() if checkpoints else None
                 raise TrainingDiverged(
@@ -123,8 +132,11 @@ def _train(config: Config, device: torch.device) -> TrainResult:
             lr = lr_schedule.last_lr()
             lr_schedule.step()
             state["step"].obj.step = step
-            meter.add(sum(b.tokens.numel() for b in microbatches), time.perf_counter() - started)
+            # Tensor, pipeline and context parallel ranks share their data-parallel rank's tokens.
+            meter.add(sum(b.tokens.numel() for b in microbatches) / (dims.tp * dims.pp * dims.cp),
+                      time.perf_counter() - started)
             result.losses[step] = loss
+            result.grad_norms[step] = grad_norm
 
             figures = {}
             if step % config.metrics.log_every == 0 or step == config.training.steps:
@@ -132,7 +144,7 @@ def _train(config: Config, device: torch.device) -> TrainResult:
                            "memory/peak_gib": peak_memory_bytes(device) / 2**30, **meter.read(step)}
             if config.training.val_every and (step % config.training.val_every == 0
                                               or step == config.training.steps):
-                val_loss = evaluate(model, val_loader(), config.training.val_batches, config, dp_group, device,
+                val_loss = evaluate(parts, val_loader(), config.training.val_batches, config, dp_group, device,
                                     autocast)
                 result.val_losses[step] = val_loss
                 figures.update({"loss/val": val_loss, "loss/val_perplexity": math.exp(min(val_loss, 50.0))})
@@ -173,21 +185,58 @@ def build_data(config: Config, model_args: ModelArgs, dp_rank: int, dp_size: int
     return train_loader, val_loader
 
 
+@dataclass
+class ModelParts:
+    """This rank's share of the model.
+
+    ``stages`` are what run: the whole model, or this rank's pipeline stages (then ``pipeline``
+    runs them). ``model`` holds every parameter of this rank under the whole model's names: the
+    optimizer, the gradient norm and checkpoints use it.
+    """
+
+    model: nn.Module
+    stages: list[nn.Module]
+    pipeline: Optional[Pipeline] = None
+
+
 def build_model(model_args: ModelArgs, config: Config, mesh, dims: ParallelDims, device: torch.device,
-                param_dtype: torch.dtype) -> nn.Module:
-    """Build on the meta device, parallelize, then allocate and initialise on ``device``."""
+                param_dtype: torch.dtype, materialize: bool = True) -> ModelParts:
+    """Build on the meta device, split into pipeline stages, parallelize, then allocate and initialise.
+
+    Every layout draws the same initial values as one process (see ``Transformer.init_weights``).
+    With ``materialize=False`` the parallelized model stays on the meta device (a dry check).
+    """
     with torch.device("meta"):
-        model = Transformer(model_args)
-    model = parallelize(model, config, mesh, dims, device, param_dtype)
-    model.to_empty(device=device)
-    model.init_weights(seed=config.job.seed, unit_scope=full_parameters)
+        whole = Transformer(model_args)
+    pipe = pipeline_settings(config, dims)
+    if dims.pp > 1:
+        layers = split_layers(model_args, pipe.num_stages, config.parallelism.pp_layers_per_stage,
+                              config.training.seq_len)
+        stage_ids = stage_ids_for_rank(mesh["pp"].get_local_rank(), dims.pp, pipe.stages_per_rank, pipe.schedule)
+        stages = [build_stage(whole, layers[i], i == 0, i == pipe.num_stages - 1) for i in stage_ids]
+    else:
+        stage_ids, stages = [0], [whole]
+    for stage in stages:
+        parallelize(stage, config, mesh, dims, device, param_dtype)
+    if materialize:
+        for stage in stages:
+            stage.to_empty(device=device)
+            stage.init_weights(seed=config.job.seed, unit_scope=full_parameters)
+    parts = ModelParts(model=merge_stages(stages) if dims.pp > 1 else whole, stages=stages)
+    if dims.pp > 1 and materialize:
+        parts.pipeline = build_pipeline(stages, stage_ids, pipe.num_stages, mesh["pp"], device, pipe.schedule,
+                                        pipe.num_microbatches)
     logger.info("model %s: %.1fM parameters (%.1fM without embeddings)", config.model.name,
                 model_args.num_params(exclude_embedding=False) / 1e6,
                 model_args.num_params(exclude_embedding=True) / 1e6)
-    return model
+    return parts
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches: list[Batch], config: Config,
+def uses_fsdp(config: Config, dims: ParallelDims) -> bool:
+    return dims.dp > 1 or config.parallelism.fsdp_cpu_offload
+
+
+def train_step(parts: ModelParts, optimizer: torch.optim.Optimizer, microbatches: list[Batch], config: Config,
                dp_group: dist.ProcessGroup, autocast) -> tuple[float, float]:
     """Forward and backward every microbatch, clip, and step. Returns (global loss, grad norm).
 
@@ -201,18 +250,31 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, microbatches:
     total = torch.zeros((), device=device)
     for batch in microbatches:
         with autocast:
-            # With labels the model returns the summed token loss, computed chunk by chunk so the
-            # [tokens x vocab] logits and their gradient never exist at once.
-            loss_sum = model(batch.tokens, labels=batch.labels, **attention_inputs(batch, config))
-        (loss_sum / num_valid).backward()
-        total += loss_sum.detach()
-    grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], config.training.max_norm)
+            if parts.pipeline is not None:
+                # The schedule runs forward and backward of its own microbatches; only the ranks
+                # holding the last stage see the loss (others get None).
+                loss_sum = parts.pipeline.step(batch.tokens, batch.labels, num_valid, **attention_inputs(batch, config))
+            else:
+                # With labels the model returns the summed token loss, computed chunk by chunk so the
+                # [tokens x vocab] logits and their gradient never exist at once.
+                loss_sum = parts.stages[0](batch.tokens, labels=batch.labels, **attention_inputs(batch, config))
+                (loss_sum / num_valid).backward()
+        if loss_sum is not None:
+            total += loss_sum.detach()
+    params = [p for p in parts.model.parameters() if p.grad is not None]
+    grad_norm = clip_grad_norm(params, config.training.max_norm, pipeline_group(parts))
     dist.all_reduce(total, group=dp_group)
+    if parts.pipeline is not None:  # the last stage's ranks hold the loss; give it to every rank
+        dist.all_reduce(total, group=pipeline_group(parts))
     loss, norm = (total / num_valid).item(), grad_norm.item()
     if math.isfinite(loss) and math.isfinite(norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, norm
+
+
+def pipeline_group(parts: ModelParts) -> Optional[dist.ProcessGroup]:
+    return None if parts.pipeline is None else parts.pipeline.stages[0].group
 
 
 def attention_inputs(batch: Batch, config: Config) -> dict[str, torch.Tensor]:
@@ -222,18 +284,27 @@ def attention_inputs(batch: Batch, config: Config) -> dict[str, torch.Tensor]:
     return {"positions": batch.positions, "document_ids": batch.document_ids}
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Total gradient norm over all ranks (as one process would compute it), clipped to ``max_norm``."""
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float,
+                   pipeline_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Total gradient norm over all ranks (as one process would compute it), clipped to ``max_norm``.
+
+    Sharded (DTensor) gradients reduce their partial norms over the mesh they live on; pipeline
+    stages hold disjoint parameters, so their squared norms are summed over ``pipeline_group``.
+    """
     norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
     if isinstance(norm, DTensor):  # sharded gradients: the partial norms are reduced here
         norm = norm.full_tensor()
+    if pipeline_group is not None:
+        squared = norm**2
+        dist.all_reduce(squared, group=pipeline_group)
+        norm = squared.sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
     return norm
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: TokenLoader, num_batches: int, config: Config, dp_group: dist.ProcessGroup,
+def evaluate(parts: ModelParts, loader: TokenLoader, num_batches: int, config: Config, dp_group: dist.ProcessGroup,
              device: torch.device, autocast) -> float:
     """Mean token loss over the first ``num_batches`` global batches of ``loader``, on all dp ranks."""
     totals = torch.zeros(2, device=device, dtype=torch.float64)
@@ -242,9 +313,18 @@ def evaluate(model: nn.Module, loader: TokenLoader, num_batches: int, config: Co
             break
         batch = batch.to(device)
         with autocast:
-            totals[0] += model(batch.tokens, labels=batch.labels, **attention_inputs(batch, config))
+            if parts.pipeline is not None:
+                loss_sum = parts.pipeline.eval_step(batch.tokens, batch.labels, **attention_inputs(batch, config))
+            else:
+                loss_sum = parts.stages[0](batch.tokens, labels=batch.labels, **attention_inputs(batch, config))
+        if loss_sum is not None:
+            totals[0] += loss_sum
         totals[1] += batch.num_valid_tokens()
     dist.all_reduce(totals, group=dp_group)
+    if parts.pipeline is not None:  # only the last stage's ranks summed losses; counts are the same everywhere
+        losses = totals[:1].clone()
+        dist.all_reduce(losses, group=pipeline_group(parts))
+        totals[0] = losses[0]
     return (totals[0] / totals[1]).item()
 
 

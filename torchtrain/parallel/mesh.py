@@ -12,6 +12,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from torchtrain.config import Config, ConfigError, Parallelism
 from torchtrain.models.llama import ModelArgs
+from torchtrain.parallel.pp import (ZERO_BUBBLE_SCHEDULES, check_schedule, resolve_microbatches,
+                                    resolve_stages_per_rank, split_layers)
 
 # Mesh dimensions, outermost first. NOTE: tp is innermost so its ranks are neighbours (one node,
 # fastest links); pp outermost because it only sends activations between stages.
@@ -83,11 +85,6 @@ class ParallelDims:
 # Context parallelism plugs into the same mesh in a later version; every other dimension is applied.
 SUPPORTED_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
-# Pipeline schedules that run one stage per rank, and those that interleave several.
-SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
-MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "interleaved_zb", "zbv")
-
-
 @dataclass(frozen=True)
 class PipelineSettings:
     """The recipe's pipeline settings with their defaults (0 = automatic) filled in."""
@@ -100,8 +97,8 @@ class PipelineSettings:
 
 def pipeline_settings(config: Config, dims: ParallelDims) -> PipelineSettings:
     p = config.parallelism
-    stages_per_rank = p.pp_stages_per_rank or (1 if p.pp_schedule in SINGLE_STAGE_SCHEDULES else 2)
-    microbatches = p.pp_microbatches or config.training.local_batch_size
+    stages_per_rank = resolve_stages_per_rank(p.pp_schedule, p.pp_stages_per_rank)
+    microbatches = resolve_microbatches(p.pp_microbatches, config.training.local_batch_size)
     return PipelineSettings(p.pp_schedule, stages_per_rank, dims.pp * stages_per_rank, microbatches)
 
 
@@ -110,55 +107,33 @@ def check_layout(dims: ParallelDims, config: Config, model_args: ModelArgs) -> N
 
     Each message names the recipe key to change and what would work.
     """
-    source, p, args = config.source, config.parallelism, model_args
-
-    def fail(key: str, why: str) -> None:
-        raise ConfigError(f"{source}: {key} = {_value_of(config, key)!r} is invalid for model "
-                          f"{config.model.name!r}: {why}")
-
+    source, args = config.source, model_args
     if dims.tp > 1:
         for what, size in (("num_heads", args.num_heads), ("num_kv_heads", args.num_kv_heads),
                            ("ffn_dim", args.ffn_dim), ("vocab_size", args.vocab_size)):
             if size % dims.tp:
-                fail("parallelism.tp", f"tensor parallelism splits {what} ({size}) across the tp ranks, so tp "
-                     f"must divide it; valid tp: {_divisors_of_all(args)}")
+                raise ConfigError(
+                    f"{source}: parallelism.tp = {dims.tp} is invalid for model {config.model.name!r}: tensor "
+                    f"parallelism splits {what} ({size}) across the tp ranks, so tp must divide it; valid tp: "
+                    f"{_divisors_of_all(args)}")
         if config.training.seq_len % dims.tp:
-            fail("parallelism.tp", f"sequence parallelism splits training.seq_len ({config.training.seq_len}) "
-                 "across the tp ranks, so tp must divide it")
+            raise ConfigError(
+                f"{source}: parallelism.tp = {dims.tp} is invalid with training.seq_len = "
+                f"{config.training.seq_len}: sequence parallelism splits the sequence across the tp ranks, so "
+                "tp must divide it")
     if dims.pp > 1:
-        pipe = pipeline_settings(config, dims)
-        if p.pp_schedule in SINGLE_STAGE_SCHEDULES and pipe.stages_per_rank != 1:
-            fail("parallelism.pp_stages_per_rank", f"schedule {p.pp_schedule!r} runs one stage per rank; use "
-                 f"{', '.join(MULTI_STAGE_SCHEDULES)} for several")
-        if p.pp_schedule == "zbv" and pipe.stages_per_rank != 2:
-            fail("parallelism.pp_stages_per_rank", "the zbv schedule places exactly 2 stages per rank (a V)")
-        if p.pp_schedule in MULTI_STAGE_SCHEDULES and pipe.stages_per_rank < 2:
-            fail("parallelism.pp_stages_per_rank", f"schedule {p.pp_schedule!r} interleaves 2 or more stages per "
-                 "rank; use gpipe or 1f1b for one")
-        if pipe.num_stages > args.num_layers:
-            fail("parallelism.pp", f"pp x stages per rank = {pipe.num_stages} stages, but the model has only "
-                 f"{args.num_layers} blocks; every stage needs at least one")
-        if p.pp_layers_per_stage and (len(p.pp_layers_per_stage) != pipe.num_stages
-                                      or sum(p.pp_layers_per_stage) != args.num_layers
-                                      or min(p.pp_layers_per_stage) < 1):
-            fail("parallelism.pp_layers_per_stage", f"it must list {pipe.num_stages} positive block counts "
-                 f"(pp x stages per rank), one per stage in order, summing to {args.num_layers}")
-        if config.training.local_batch_size % pipe.num_microbatches:
-            fail("parallelism.pp_microbatches", f"it must divide training.local_batch_size "
-                 f"({config.training.local_batch_size}) into equal microbatches")
-        if p.pp_schedule == "1f1b" and pipe.num_microbatches < dims.pp:
-            fail("parallelism.pp_microbatches", f"1f1b needs at least as many microbatches as pipeline ranks "
-                 f"({dims.pp}); raise training.local_batch_size or pp_microbatches")
-        if p.pp_schedule in MULTI_STAGE_SCHEDULES and pipe.num_microbatches % dims.pp:
-            fail("parallelism.pp_microbatches", f"schedule {p.pp_schedule!r} runs the microbatches in rounds of "
-                 f"pp = {dims.pp}, so their number ({pipe.num_microbatches}) must be a multiple of {dims.pp}")
-
-
-def _value_of(config: Config, key: str):
-    section, name = key.split(".")
-    if (section, name) == ("parallelism", "pp_microbatches"):
-        return pipeline_settings(config, ParallelDims(config.parallelism.pp, 1, 1, 1, 1)).num_microbatches
-    return getattr(getattr(config, section), name)
+        # The pipeline module's own checks, run now rather than when the stages are built.
+        try:
+            pipe = pipeline_settings(config, dims)
+            check_schedule(pipe.schedule, dims.pp, pipe.stages_per_rank, pipe.num_microbatches)
+            split_layers(args, pipe.num_stages, config.parallelism.pp_layers_per_stage, config.training.seq_len)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e} (model {config.model.name!r}, pp = {dims.pp})") from None
+        if config.compile.enabled and pipe.schedule in ZERO_BUBBLE_SCHEDULES:
+            raise ConfigError(
+                f"{source}: parallelism.pp_schedule = {pipe.schedule!r} splits the backward into input and weight "
+                "passes, which torch does not support for compiled blocks; set compile.enabled = false or use "
+                "1f1b / interleaved_1f1b")
 
 
 def _divisors_of_all(args: ModelArgs) -> list[int]:

@@ -26,8 +26,10 @@ tokens), and the schedule is built with ``scale_grads=False`` so nothing else re
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -44,11 +46,18 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
     ScheduleZBVZeroBubble,
 )
+from torch.distributed.pipelining.schedules import (
+    BACKWARD_INPUT,
+    BACKWARD_WEIGHT,
+    FULL_BACKWARD,
+    REDUCE_GRAD,
+    _PipelineScheduleRuntime,
+)
 
 from torchtrain.models.llama import ModelArgs, Transformer
 
-__all__ = ["SCHEDULES", "Pipeline", "build_pipeline", "build_stage", "resolve_microbatches",
-           "resolve_stages_per_rank", "split_layers", "stage_ids_for_rank"]
+__all__ = ["SCHEDULES", "Pipeline", "build_pipeline", "build_stage", "check_schedule", "merge_stages",
+           "resolve_microbatches", "resolve_stages_per_rank", "split_layers", "stage_ids_for_rank"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +69,7 @@ SCHEDULES = {
     "zbv": ScheduleZBVZeroBubble,
 }
 _SINGLE_STAGE = ("gpipe", "1f1b")  # one stage per rank
-_ZERO_BUBBLE = ("interleaved_zb", "zbv")  # backward split into input-gradient and weight-gradient passes
+ZERO_BUBBLE_SCHEDULES = ("interleaved_zb", "zbv")  # backward split into input-gradient and weight-gradient passes
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,7 +117,7 @@ def resolve_microbatches(num_microbatches: int, local_batch_size: int) -> int:
     return num_microbatches
 
 
-def _check_schedule(schedule: str, pp_size: int, stages_per_rank: int, num_microbatches: int) -> None:
+def check_schedule(schedule: str, pp_size: int, stages_per_rank: int, num_microbatches: int) -> None:
     """Raise ``ValueError`` for settings the installed schedule would reject later, less clearly.
 
     The constraints are those of torch's own constructors (torch/distributed/pipelining/schedules.py).
@@ -149,53 +158,30 @@ def _stage_costs(args: ModelArgs, seq_len: int) -> tuple[int, int, int]:
     return block, 6 * d, head
 
 
-def _min_bottleneck(costs: list[int], num_stages: int, min_blocks: list[int], extra: list[int]) -> int:
-    """Smallest achievable maximum stage cost over contiguous splits (exact DP, sizes are tiny)."""
-    n = len(costs)
-    prefix = [0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[k][i]: the smallest maximum over the first k stages holding blocks [0, i).
-    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
-    best[0][0] = 0
-    for k in range(1, num_stages + 1):
-        for i in range(n + 1):
-            for j in range(i - min_blocks[k - 1] + 1):
-                if best[k - 1][j] < inf:
-                    cost = prefix[i] - prefix[j] + extra[k - 1]
-                    best[k][i] = min(best[k][i], max(best[k - 1][j], cost))
-    return int(best[num_stages][n])
+def _best_split(num_layers: int, min_blocks: list[int], stage_cost, combine, cap: float = math.inf) -> tuple:
+    """Exact DP over contiguous splits: ``(value, blocks per stage)`` minimising a fold of the stage costs.
 
-
-def _most_even_split(costs: list[int], num_stages: int, min_blocks: list[int], extra: list[int],
-                     cap: int) -> list[int]:
-    """Blocks per stage minimising the sum of squared stage costs among splits with no stage above ``cap``.
-
-    NOTE: many splits share the optimal bottleneck; of those, the smallest sum of squares is the
-    one whose other stages are also as even as possible (less skew in memory and idle time).
+    ``stage_cost(k, blocks)`` is stage k's cost; ``combine(folded, cost)`` folds one more stage
+    in (``max`` for the bottleneck, ``a + c * c`` for evenness); stages costing more than ``cap``
+    are not allowed. O(stages x layers^2): microseconds at these sizes.
     """
-    n = len(costs)
-    prefix = [0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
-    choice = [[-1] * (n + 1) for _ in range(num_stages + 1)]
+    num_stages = len(min_blocks)
+    # best[k][end]: the best fold over the first k stages holding blocks [0, end).
+    best = [[math.inf] * (num_layers + 1) for _ in range(num_stages + 1)]
+    choice = [[0] * (num_layers + 1) for _ in range(num_stages + 1)]
     best[0][0] = 0
-    for k in range(1, num_stages + 1):
-        for i in range(n + 1):
-            for j in range(i - min_blocks[k - 1] + 1):
-                cost = prefix[i] - prefix[j] + extra[k - 1]
-                if best[k - 1][j] < inf and cost <= cap and best[k - 1][j] + cost * cost < best[k][i]:
-                    best[k][i] = best[k - 1][j] + cost * cost
-                    choice[k][i] = j
-    sizes, i = [], n
+    for k in range(num_stages):
+        for end in range(num_layers + 1):
+            for start in range(end - min_blocks[k] + 1):
+                cost = stage_cost(k, end - start)
+                value = combine(best[k][start], cost)
+                if cost <= cap and value < best[k + 1][end]:
+                    best[k + 1][end], choice[k + 1][end] = value, start
+    sizes, end = [], num_layers
     for k in range(num_stages, 0, -1):
-        j = choice[k][i]
-        sizes.append(i - j)
-        i = j
-    return sizes[::-1]
+        sizes.append(end - choice[k][end])
+        end = choice[k][end]
+    return best[num_stages][num_layers], sizes[::-1]
 
 
 def _min_blocks(num_stages: int) -> list[int]:
@@ -245,9 +231,14 @@ def split_layers(model_args: ModelArgs, num_stages: int, layers_per_stage: Optio
         extra = [0] * num_stages
         extra[0] += first
         extra[-1] += last
-        costs = [block] * num_layers
-        cap = _min_bottleneck(costs, num_stages, min_blocks, extra)
-        sizes = _most_even_split(costs, num_stages, min_blocks, extra, cap)
+
+        def stage_cost(k: int, blocks: int) -> int:
+            return blocks * block + extra[k]
+
+        # NOTE: many splits share the smallest bottleneck; among them, the smallest sum of squared
+        # stage costs is the one whose other stages are also as even as possible.
+        cap, _ = _best_split(num_layers, min_blocks, stage_cost, max)
+        _, sizes = _best_split(num_layers, min_blocks, stage_cost, lambda a, c: a + c * c, cap)
     starts = [sum(sizes[:k]) for k in range(num_stages)]
     return [list(range(start, start + size)) for start, size in zip(starts, sizes)]
 
@@ -296,6 +287,24 @@ def build_stage(model: Transformer, layer_ids: list[int], is_first: bool, is_las
     return stage
 
 
+def merge_stages(stages: list[nn.Module]) -> nn.Module:
+    """One module holding the parameters of this rank's stages under the whole model's names.
+
+    It is never run: the optimizer, the gradient norm and checkpoints use it, so a checkpoint
+    saved with any pipeline split (or none) holds ``layers.<i>...`` keys that load into any other.
+    The stages' own modules are shared, not copied, so it sees their parallelized parameters.
+    """
+    merged = nn.Module()
+    merged.layers = nn.ModuleDict()
+    for stage in stages:
+        for end in ("tok_embeddings", "norm", "output"):
+            if getattr(stage, end) is not None:
+                merged.add_module(end, getattr(stage, end))
+        for key, block in stage.layers.items():
+            merged.layers[key] = block
+    return merged
+
+
 # ---------------------------------------------------------------------------------------
 # Running the schedule
 # ---------------------------------------------------------------------------------------
@@ -308,6 +317,15 @@ def _scaled_loss(output: Tensor, target: Tensor, *, divisor: Union[Tensor, float
     """
     sums.append(output.detach())
     return output / divisor
+
+
+def _skip_action(action, ctx) -> None:
+    """Skip a backward or gradient-reduction action of the schedule (see :meth:`Pipeline._forward_only`).
+
+    Drops the gradient receive the schedule posted for a backward action (an empty list of
+    requests when the stages have no backward), as the action itself would have consumed it.
+    """
+    ctx.schedule_ref.bwd_recv_ops.pop((action.stage_index, action.microbatch_index), None)
 
 
 @dataclass
@@ -337,11 +355,37 @@ class Pipeline:
                   document_ids: Optional[Tensor] = None) -> Optional[Tensor]:
         """Forward only: the summed token loss of the batch on the last stage's rank, else ``None``.
 
-        NOTE: the schedule's ``eval`` runs its forward actions only. Switching between ``step`` and
-        ``eval_step`` makes torch infer the stages' shapes again (one microbatch forward, plus a
-        backward when switching to training); the batch must have the training batch's shape.
+        NOTE: torch infers the shapes sent between stages on the first call after each switch
+        between ``step`` and ``eval_step`` (one extra microbatch forward per stage, plus a backward
+        when switching back to training), so consecutive calls of one kind need batches of one
+        shape, split into the same ``num_microbatches``.
         """
-        return self._run(self.schedule.eval, tokens, labels, 1.0, positions, document_ids)
+        with self._forward_only():
+            return self._run(self.schedule.eval, tokens, labels, 1.0, positions, document_ids)
+
+    @contextlib.contextmanager
+    def _forward_only(self):
+        """Make the multi-stage schedules skip their backward and gradient-reduction actions.
+
+        NOTE: ``schedule.eval`` only marks the stages as having no backward, and the schedule
+        still walks its backward actions. In the installed torch, the zbv schedule's input-gradient
+        action then hands a gradient between its two stages on the same rank and fails ("can't
+        steal_bwd_input if this stage doesn't have backward"), and the FSDP gradient reduction still
+        runs at the end. Registering no-op functions for those actions (torch's
+        ``register_custom_function`` hook) for the duration of the evaluation avoids both.
+        """
+        schedule = self.schedule
+        if not isinstance(schedule, _PipelineScheduleRuntime):
+            yield
+            return
+        saved = dict(schedule._comp_type_to_function_map)
+        try:
+            for action in (FULL_BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT, REDUCE_GRAD):
+                schedule.register_custom_function(action, _skip_action)
+            yield
+        finally:
+            schedule._comp_type_to_function_map.clear()
+            schedule._comp_type_to_function_map.update(saved)
 
     def _run(self, run, tokens: Tensor, labels: Tensor, loss_divisor: Union[Tensor, float],
              positions: Optional[Tensor], document_ids: Optional[Tensor]) -> Optional[Tensor]:
@@ -388,12 +432,12 @@ def build_pipeline(stage_modules: list[nn.Module], stage_ids: list[int], num_sta
     if num_stages != pp_size * stages_per_rank:
         raise ValueError(f"{num_stages} stages do not fill {pp_size} pipeline ranks with {stages_per_rank} each "
                          "(parallelism.pp_stages_per_rank must be the same on every rank)")
-    _check_schedule(schedule_name, pp_size, stages_per_rank, num_microbatches)
+    check_schedule(schedule_name, pp_size, stages_per_rank, num_microbatches)
     expected = stage_ids_for_rank(dist.get_rank(group), pp_size, stages_per_rank, schedule_name)
     if sorted(stage_ids) != expected:
         raise ValueError(f"parallelism.pp_schedule={schedule_name!r} places stages {expected} on this rank, "
                          f"got {sorted(stage_ids)}")
-    if schedule_name in _ZERO_BUBBLE and any(
+    if schedule_name in ZERO_BUBBLE_SCHEDULES and any(
             isinstance(m, OptimizedModule) for mod in stage_modules for m in mod.modules()):
         # NOTE: torch splits the backward into input and weight passes by walking the autograd
         # graph, which a compiled region hides; its constructor raises a RuntimeError.
