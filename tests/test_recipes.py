@@ -1,0 +1,50 @@
+"""Every shipped recipe, and the published baseline layouts, build at their real world size.
+
+The dry check (``torchtrain.plan``) runs the trainer's own mesh, pipeline split, tensor parallel
+and FSDP code for one rank of each pipeline stage under a fake process group, on the meta device.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from torchtrain.config import ConfigError, load_config
+from torchtrain.plan import check_recipe, world_size_of
+
+RECIPES = sorted(Path(__file__).resolve().parent.parent.glob("recipes/*.toml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_layout_builds_at_its_world_size(recipe):
+    config = load_config(recipe)
+    world_size = world_size_of(config, None if config.parallelism.dp_shard != -1 else 1)
+    reports = check_recipe(config, world_size)
+    held = sum(r.num_params for r in reports)
+    assert held > 0 and len(reports) == config.parallelism.pp
+
+
+# The published Megatron layouts for Llama-2-70B (../shared baselines), as recipe overrides.
+BASELINE_LAYOUTS = {
+    "TP4 PP8 (32 GPUs, 2k)": (32, ["--parallelism.tp", "4", "--parallelism.pp", "8", "--parallelism.dp_shard", "1",
+                                   "--training.local_batch_size", "8", "--training.grad_accum_steps", "64"]),
+    "TP8 PP8 DP2 (128 GPUs, interleaved)": (128, [
+        "--parallelism.tp", "8", "--parallelism.pp", "8", "--parallelism.dp_shard", "2",
+        "--parallelism.pp_schedule", "interleaved_1f1b", "--training.local_batch_size", "8"]),
+}
+
+
+@pytest.mark.parametrize("name", BASELINE_LAYOUTS)
+def test_baseline_layouts_of_llama2_70b_build(name):
+    world_size, overrides = BASELINE_LAYOUTS[name]
+    config = load_config(Path(__file__).resolve().parent.parent / "recipes/llama2_70b_2k.toml", overrides)
+    reports = check_recipe(config, world_size)
+    assert len(reports) == 8
+    # Every block is on exactly one stage, and the stages hold about the same parameters.
+    sizes = [r.num_params for r in reports]
+    assert max(sizes) / min(sizes) < 1.1
+
+
+def test_a_layout_that_does_not_fit_the_world_size_is_refused():
+    config = load_config(Path(__file__).resolve().parent.parent / "recipes/llama2_70b_2k.toml")
+    with pytest.raises(ConfigError, match=r"multiply to 32, but 24 processes"):
+        check_recipe(config, 24)
