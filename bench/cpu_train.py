@@ -140,15 +140,15 @@ def build_torchtrain(opts: dict):
     dims = ParallelDims.resolve(config.parallelism, 1)
     mesh, dp_mesh = build_mesh(dims, device)
     args = model_args_for(config)
-    model = build_model(args, config, mesh, dims, device, torch.float32)  # meta -> parallelize -> to_empty -> init
-    optimizer = build_optimizer(model, config.optimizer, device)
+    parts = build_model(args, config, mesh, dims, device, torch.float32)  # meta -> parallelize -> to_empty -> init
+    optimizer = build_optimizer(parts.model, config.optimizer, device)
     tokens, labels = _random_batch(opts["seq_len"], opts["batch_size"], args.vocab_size)
     batch = Batch(tokens, labels, torch.zeros_like(tokens, dtype=torch.int32),
                   torch.arange(opts["seq_len"]).expand_as(tokens).contiguous())
     dp_group = dp_mesh.get_group()
 
     def step() -> float:
-        return train_step(model, optimizer, [batch], config, dp_group, nullcontext())[0]
+        return train_step(parts, optimizer, [batch], config, dp_group, nullcontext())[0]
 
     return step, {"fused_adamw": bool(optimizer.defaults.get("fused"))}
 

@@ -48,3 +48,15 @@ def test_a_layout_that_does_not_fit_the_world_size_is_refused():
     config = load_config(Path(__file__).resolve().parent.parent / "recipes/llama2_70b_2k.toml")
     with pytest.raises(ConfigError, match=r"multiply to 32, but 24 processes"):
         check_recipe(config, 24)
+
+
+def test_the_plan_command_prints_each_stage(capsys):
+    from torchtrain.plan import main
+
+    main(["--config", str(Path(__file__).resolve().parent.parent / "recipes/debug.toml"), "--ngpu", "8",
+          "--parallelism.pp", "2", "--parallelism.tp", "2", "--parallelism.pp_schedule", "interleaved_1f1b",
+          "--parallelism.pp_layers_per_stage", "[1, 1, 1, 1]"])
+    out = capsys.readouterr().out
+    assert "debug on 8 ranks: pp 2 x dp_shard 2 x tp 2" in out
+    assert "pipeline: interleaved_1f1b, 4 stages, 8 microbatches" in out
+    assert "rank     0: embed blocks 0-0 + blocks 2-2" in out and "rank     4: blocks 1-1 + blocks 3-3 + output" in out

@@ -133,6 +133,14 @@ def test_tokenizer_larger_than_model_vocab_fails(tmp_path):
         run(tmp_path / "out", "--data.tokenizer", str(tmp_path / "tokenizer.json"), "--data.dataset", str(corpus))
 
 
+def test_layout_errors_come_before_the_model_is_built(tmp_path):
+    with pytest.raises(ConfigError, match=r"fsdp_cpu_offload = true moves GPU memory to the CPU, but this run is on cpu"):
+        run(tmp_path / "offload", "--parallelism.fsdp_cpu_offload", "true")
+    with pytest.raises(ConfigError, match=r"multiply to 4, but 1 processes were launched"):
+        run(tmp_path / "tp", "--parallelism.tp", "4", "--parallelism.dp_shard", "1")
+    assert not (tmp_path / "offload" / "checkpoints").exists()
+
+
 def test_command_line_error_is_one_message_and_exit_code_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torchtrain.train", "--config", "recipes/debug.toml",
                            "--training.stepz", "3"], cwd=REPO, capture_output=True, text=True, timeout=120)

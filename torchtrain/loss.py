@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 IGNORE_INDEX = -100  # labels with this value (document boundaries) do not count
@@ -280,14 +281,25 @@ def _gather_tokens(x: Tensor, token_dim: int, group: dist.ProcessGroup) -> Tenso
     return out
 
 
+def _waited(x: Tensor) -> Tensor:
+    """``x``, or the tensor behind it if it is the pending result of an asynchronous DTensor collective.
+
+    NOTE: ``DTensor.to_local()`` can return such a wrapper (after a redistribute with ``async_op``);
+    the c10d collectives below read the raw storage, so the pending collective must have finished.
+    """
+    return x.wait() if isinstance(x, AsyncCollectiveTensor) else x
+
+
 class _VocabParallelLinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, compute_dtype: torch.dtype,
                 needs_grad: bool, group: dist.ProcessGroup, token_dim: Optional[int]) -> Tensor:
         dtype = _softmax_dtype(compute_dtype)
-        w = weight.to(compute_dtype)  # [V / tp, d], this rank's rows of the vocabulary
+        want_grad_h, want_grad_w = needs_grad and hidden.requires_grad, needs_grad and weight.requires_grad
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        w = _waited(weight).to(compute_dtype)  # [V / tp, d], this rank's rows of the vocabulary
         vocab_start = dist.get_rank(group) * w.shape[0]
-        h = hidden.to(compute_dtype)
+        h = _waited(hidden).to(compute_dtype)
         if token_dim is None:
             targets = labels.reshape(-1)
         else:
@@ -305,8 +317,8 @@ class _VocabParallelLinearCrossEntropySum(torch.autograd.Function):
         # A chunk's logits hold as many elements as the plain path's: about the hidden states' count.
         rows = max(1, max(MIN_CHUNK_ELEMENTS, h.numel()) // w.shape[0])
         total = torch.zeros((), device=h.device, dtype=dtype)
-        grad_h = torch.empty_like(h) if needs_grad and hidden.requires_grad else None
-        grad_w = torch.zeros(w.shape, device=w.device, dtype=dtype) if needs_grad and weight.requires_grad else None
+        grad_h = torch.empty_like(h) if want_grad_h else None
+        grad_w = torch.zeros(w.shape, device=w.device, dtype=dtype) if want_grad_w else None
         for start in range(0, h.shape[0], rows):
             end = start + rows
             h_chunk = h[start:end]
@@ -315,8 +327,9 @@ class _VocabParallelLinearCrossEntropySum(torch.autograd.Function):
             # NOTE: one collective per chunk: the log-sum-exp over the whole vocabulary is the
             # log-sum-exp of the shards' log-sum-exps, and exactly one shard holds the target logit.
             stats = torch.stack((torch.logsumexp(logits, dim=1), target_logit))  # [2, rows]
-            every = stats.new_empty((dist.get_world_size(group), *stats.shape))
+            every = stats.new_empty((dist.get_world_size(group) * 2, stats.shape[1]))
             dist.all_gather_into_tensor(every, stats, group=group)
+            every = every.view(-1, 2, stats.shape[1])  # [tp, 2, rows]
             lse = torch.logsumexp(every[:, 0], dim=0)
             target_logit = every[:, 1].sum(0)
             chunk_valid = valid[start:end]
@@ -344,7 +357,6 @@ class _VocabParallelLinearCrossEntropySum(torch.autograd.Function):
                 dist.reduce_scatter_tensor(mine, full, group=group)
                 grad_h = mine.movedim(0, token_dim).contiguous()
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
 
     @staticmethod

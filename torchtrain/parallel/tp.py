@@ -24,6 +24,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -39,7 +40,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
 
     Works on a model on the meta device (parameters become meta DTensors; materialise with
     ``to_empty`` and ``init_weights`` afterwards) and on a materialised one (rank 0's weights are
-    scattered / broadcast). Apply it before activation checkpointing, ``torch.compile`` and FSDP,
+    scattered; the RMSNorm gains are kept as each rank has them). Apply it before activation checkpointing, ``torch.compile`` and FSDP,
     which then see DTensor parameters (FSDP shards them further over the data-parallel mesh).
 
     What the ranks then hold and exchange:
@@ -51,6 +52,16 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
       model's loss is computed vocabulary-parallel from the norm's sequence-sharded output; without,
       the model returns vocabulary-sharded logits (a DTensor ``Shard(-1)``: ``full_tensor()`` them
       or use ``torch.distributed.tensor.parallel.loss_parallel``).
+
+    A pipeline stage (``tok_embeddings`` and/or ``output`` set to ``None``) takes and returns plain
+    tensors: its rank's sequence shard ``[B, S / tp, dim]`` of the hidden states.
+
+    Gradients: two come out laid out unlike their parameters, the RMSNorm gains' ``Partial`` (each
+    rank holds the sum over its sequence shard) and the embedding's ``Replicate`` (the whole table's
+    gradient on every rank). FSDP, when applied on top, lays them out like the parameters before it
+    reduces them; without it, gradient clipping and the optimizer still compute the right values
+    (DTensor redistributes where an op needs it), at the price of those redistributions and of the
+    full embedding gradient held on every rank until ``zero_grad``.
 
     The caller must feed every tp rank the same full ``[B, S]`` tokens, positions, document ids and
     labels, with ``S`` divisible by the tp size. Raises ``ValueError`` if the tp size does not
@@ -81,6 +92,18 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     root_plan = {name: style for name, style in root_plan.items() if getattr(model, name, None) is not None}
     parallelize_module(model, tp_mesh, root_plan)
 
+    # NOTE: pipeline stages exchange plain tensors: each tp rank's sequence shard [B, S / tp, dim] of
+    # the hidden states (1/tp of the activation per send). A stage without the embedding takes its
+    # input as that shard and makes it the sequence-sharded DTensor the blocks expect; a stage
+    # without the output projection hands its residual stream on as the local shard.
+    if model.tok_embeddings is None:
+        parallelize_module(model, tp_mesh, PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
+            input_kwarg_layouts={}, desired_input_kwarg_layouts={}))  # kwargs (labels, positions) stay plain
+    if model.output is None:
+        parallelize_module(model, tp_mesh, PrepareModuleOutput(
+            output_layouts=(Shard(1),), desired_output_layouts=(Shard(1),), use_local_output=True))
+
     # NOTE: parallelize_module registers fresh parameters per module, which unties a shared
     # embedding/output weight; both are sharded Shard(0) over the vocabulary, so tie them again.
     if args.tie_embeddings and model.tok_embeddings is not None and model.output is not None:
@@ -105,8 +128,10 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         }
         # NOTE: PrepareModuleInput keeps the gathered input a Replicate DTensor (use_local_output=False)
         # so that in the backward the partial input-gradients of wq, wk and wv (w1 and w3) are summed
-        # first and reduce-scattered once, instead of being all-reduced once per projection.
+        # first and reduce-scattered once. With local inputs each projection's would be all-reduced
+        # (counted with CommDebugMode: 3 all-reduces instead of 1 reduce-scatter per attention).
         parallelize_module(block, tp_mesh, block_plan)
 
     logger.info("tensor parallel: tp=%d, sequence parallel, vocabulary-parallel output and loss "
                 "(%s, %d blocks)", tp, ", ".join(root_plan) or "no root modules", len(model.layers))
+
