@@ -1,5 +1,7 @@
 """Parallel dims validation and the compile fallback."""
 
+import copy
+import dataclasses
 import logging
 
 import pytest
@@ -76,3 +78,22 @@ def test_compile_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
         assert apply_compile(model, "inductor", torch.device("cpu")) is False
     assert "training continues in eager mode" in caplog.text
     assert not any(type(b).__name__ == "OptimizedModule" for b in model.layers.values())
+
+
+def test_compiled_blocks_fuse_their_projections_and_match_eager():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    args = dataclasses.replace(get_model_args("debug"), dim=64, num_layers=1, ffn_dim=96, vocab_size=256)
+    eager = Transformer(args)
+    eager.init_weights(seed=0)
+    compiled = copy.deepcopy(eager)
+    assert apply_compile(compiled, "inductor", torch.device("cpu"), fuse_projections=True)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    for model in (eager, compiled):
+        model(tokens, labels=tokens).backward()
+    # q/k/v and gate/up: two groups of projections became two GEMMs.
+    assert counters["inductor"]["batch_linear_lhs"] == 2
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)

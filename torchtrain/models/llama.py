@@ -237,12 +237,15 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor,
                 document_ids: Optional[Tensor] = None) -> Tensor:
-        bsz, seq_len, _ = x.shape
-        # NOTE: the head count is inferred (-1) so tensor parallelism, which shards the
-        # projections by heads, works without telling the model how many heads it holds.
-        q = self.wq(x).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)  # [B, Hq, S, D]
-        k = self.wk(x).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
-        v = self.wv(x).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        bsz, seq_len, dim = x.shape
+        # NOTE: the projections read the tokens as one [B * S, dim] matrix: the same GEMMs, in the
+        # form torch.compile's projection fusion matches (see parallel/compile.py). The head count
+        # is inferred (-1) so tensor parallelism, which shards the projections by heads, works
+        # without telling the model how many heads it holds.
+        tokens = x.reshape(bsz * seq_len, dim)
+        q = self.wq(tokens).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)  # [B, Hq, S, D]
+        k = self.wk(tokens).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        v = self.wv(tokens).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
         q = apply_rope(q, rope_cos, rope_sin)
         k = apply_rope(k, rope_cos, rope_sin)
         out = attention(q, k, v, backend=self.backend, causal=True, document_ids=document_ids)
@@ -264,7 +267,12 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # NOTE: gate and up read the tokens as one [B * S, dim] matrix, like the attention's
+        # projections; w2 gets the [B, S, hidden] shape back (tensor parallelism shards its
+        # output along the sequence, dim 1).
+        tokens = x.reshape(-1, x.shape[-1])
+        hidden = F.silu(self.w1(tokens)) * self.w3(tokens)
+        return self.w2(hidden.view(*x.shape[:-1], -1))
 
     def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator]) -> None:
         _init_linear(self.w1, std, generator)

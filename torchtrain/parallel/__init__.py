@@ -30,7 +30,7 @@ def parallelize(model: nn.Module, config: Config, mesh: DeviceMesh, dims: Parall
         apply_tp(model, mesh["tp"])
     apply_activation_checkpointing(model, config.activation_checkpoint.mode)
     if config.compile.enabled:
-        apply_compile(model, config.compile.backend, device)
+        apply_compile(model, config.compile.backend, device, fuse_projections=dims.tp == 1)
     if dims.dp > 1 or config.parallelism.fsdp_cpu_offload:
         apply_fsdp(model, mesh["dp_replicate", "dp_shard"], param_dtype,
                    config.parallelism.fsdp_reshard_after_forward, config.parallelism.fsdp_cpu_offload,
