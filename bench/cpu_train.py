@@ -36,7 +36,8 @@ its tokens/s are left out of the median (unless no run of that variant got its C
 names such runs. Peak memory is unaffected and always counts. ``--paired N`` adds one process that
 builds both compiled torchtrain and HF eager and interleaves their steps (N each): both see the
 same load within seconds, so the step-by-step ratio is the least noisy speed comparison this
-machine allows (it gives no memory figures: the two share the process).
+machine allows, and the one the speed target is judged on (it gives no memory figures: the two
+share the process).
 
 Model FLOP/s use the project's convention (``ModelArgs.flops_per_token``: 6·N_non-embedding +
 12·L·d·s per token, attention not halved for causality). They are compared with the machine's
@@ -139,7 +140,7 @@ def build_torchtrain(opts: dict):
     init_distributed(device)
     dims = ParallelDims.resolve(config.parallelism, 1)
     mesh, dp_mesh = build_mesh(dims, device)
-    args = model_args_for(config)
+    args = model_args_for(config, device)
     parts = build_model(args, config, mesh, dims, device, torch.float32)  # meta -> parallelize -> to_empty -> init
     optimizer = build_optimizer(parts.model, config.optimizer, device)
     tokens, labels = _random_batch(opts["seq_len"], opts["batch_size"], args.vocab_size)
@@ -419,14 +420,24 @@ def _print_table(report: dict) -> None:
         print(verdict)
 
 
-def _targets(rows: dict) -> list[str]:
+def _targets(rows: dict, paired: dict | None) -> list[str]:
+    """One verdict line per torchtrain variant.
+
+    NOTE: the speed verdict of compiled torchtrain uses the paired (same-process, interleaved)
+    ratio when it was measured: separate processes run minutes apart, and this machine's speed
+    drifts by more than the 10% being judged between them (the matmul rate measured before each
+    repeat varies by up to 25% within one run). The separate-process ratio is printed beside it.
+    """
     ref = rows.get(REFERENCE)
     lines = []
     for name in ("torchtrain-compile", "torchtrain-eager"):
         row = rows.get(name)
         if row is None or ref is None:
             continue
-        speed = row["tokens_per_s"] / ref["tokens_per_s"]
+        speed = separate = row["tokens_per_s"] / ref["tokens_per_s"]
+        how = "in separate processes"
+        if paired and name == "torchtrain-compile":
+            speed, how = paired["speedup"], f"side by side in one process; {separate:.2f}x in separate processes"
         memory = row["peak_rss_bytes"] / ref["peak_rss_bytes"]
         frac = row["fraction_of_matmul_rate"]
 
@@ -434,7 +445,8 @@ def _targets(rows: dict) -> list[str]:
             return "met" if ok else "NOT met"
 
         lines.append(
-            f"target {name}: tokens/s {speed:.2f}x HF (>= {TARGET_SPEEDUP}x: {verdict(speed >= TARGET_SPEEDUP)}), "
+            f"target {name}: tokens/s {speed:.2f}x HF ({how}; >= {TARGET_SPEEDUP}x: "
+            f"{verdict(speed >= TARGET_SPEEDUP)}), "
             f"{100 * frac:.1f}% of matmul rate (>= {100 * TARGET_MATMUL_FRACTION:.0f}%: "
             f"{verdict(frac >= TARGET_MATMUL_FRACTION)}), peak RSS {memory:.2f}x HF "
             f"(<= {TARGET_MEMORY}x: {verdict(memory <= TARGET_MEMORY)})")
@@ -548,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
         "matmul_shapes": matmul_runs[0]["shapes"],
         "variants": rows,
         "paired": paired,
-        "targets": _targets(rows),
+        "targets": _targets(rows, paired),
         "wall_s": time.perf_counter() - started,
     }
     _print_table(report)

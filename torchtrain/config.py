@@ -33,7 +33,9 @@ class Job:
 @dataclass
 class Model:
     name: str = "debug"  # a named size from torchtrain.models.registry
-    attention: str = "sdpa"  # attention backend: "sdpa" or "reference"
+    # Attention backend: "triton" (our kernels), "sdpa" (PyTorch's), "reference" (plain PyTorch,
+    # the test oracle), or "auto": triton on CUDA, sdpa elsewhere.
+    attention: str = "auto"
 
 
 @dataclass
@@ -156,7 +158,7 @@ class Config:
 
 # Choices for string fields; checked by validate() and listed in its messages.
 CHOICES = {
-    ("model", "attention"): ("sdpa", "reference"),
+    ("model", "attention"): ("auto", "triton", "sdpa", "reference"),
     ("training", "dtype"): ("auto", "bfloat16", "float32"),
     ("training", "device"): ("auto", "cuda", "cpu"),
     ("optimizer", "name"): ("adamw",),

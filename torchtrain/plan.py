@@ -49,7 +49,7 @@ def check_recipe(config: Config, world_size: int) -> list[RankReport]:
     # Compile wraps lazily and needs a working backend on the target device; it adds no parameters.
     config = dataclasses.replace(config, compile=dataclasses.replace(config.compile, enabled=False))
     dims = ParallelDims.resolve(config.parallelism, world_size, config.source)
-    model_args = model_args_for(config)
+    model_args = model_args_for(config, torch.device("cuda"))  # the layout of a GPU run
     check_layout(dims, config, model_args)
     ranks_per_stage = world_size // dims.pp
     reports = []

@@ -77,7 +77,7 @@ def _train(config: Config, device: torch.device) -> TrainResult:
     if rank == 0:
         (output_dir / "config.toml").write_text(config.to_toml())
         logger.info("config (saved to %s):\n%s", output_dir / "config.toml", config.to_toml())
-    model_args = model_args_for(config)
+    model_args = model_args_for(config, device)
     check_layout(dims, config, model_args)
     if config.parallelism.fsdp_cpu_offload and device.type != "cuda":
         raise ConfigError(f"{config.source}: parallelism.fsdp_cpu_offload = true moves GPU memory to the CPU, "
@@ -361,9 +361,10 @@ def resolve_dtype(config: Config, device: torch.device) -> str:
     return dtype
 
 
-def model_args_for(config: Config) -> ModelArgs:
+def model_args_for(config: Config, device: torch.device) -> ModelArgs:
     args = get_model_args(config.model.name)
-    args.attention = config.model.attention
+    attention = config.model.attention
+    args.attention = ("triton" if device.type == "cuda" else "sdpa") if attention == "auto" else attention
     return args
 
 
