@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The one command to run on a GPU machine (one H100/H200): the checks that need a GPU, in under
+# 8 minutes, results and logs under bench/results/ (or the folder given as the first argument).
+#
+#     bash bench/gpu_check.sh [RESULTS_DIR]
+#
+# Every step runs under its own `timeout`, logs to RESULTS_DIR/logs/<step>.log, and a failed step
+# does not stop the next; the script exits 1 at the end if any step failed. To add a check (the
+# single-GPU training MFU, the planner's memory, ...), append one `step NAME SECONDS COMMAND...`
+# line below and keep the sum of the timeouts under 8 minutes.
+#
+# Python: .venv/bin/python when it exists; scripts/setup.sh runs only when .venv is missing (on a
+# PyTorch image it creates .venv with --system-site-packages, so the machine's CUDA torch is
+# reused and nothing replaces it). If that fails (no network) or .venv's torch cannot see the GPU,
+# the system python3 is used: the benchmarks put the repository on sys.path themselves.
+#
+# Kernel correctness: tests/test_attention_kernels.py pins TRITON_INTERPRET=1 (CPU interpreter,
+# fp32/fp16), so it cannot compile the kernels for the GPU; the bf16 GPU check is the one in
+# bench/attention.py (--check-only: our op and SDPA-flash against an fp32 oracle; exit 1 on failure).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS="${1:-bench/results}"
+mkdir -p "$RESULTS/logs"
+RESULTS="$(cd "$RESULTS" && pwd)"
+LOGS="$RESULTS/logs"
+START=$SECONDS
+NAMES=()
+STATUSES=()
+TIMES=()
+
+# step NAME TIMEOUT_SECONDS COMMAND... : run, log, record; never exits the script.
+step() {
+    local name="$1" limit="$2"
+    shift 2
+    local t0=$SECONDS rc
+    echo "=== [$name] (timeout ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" > >(tee "$LOGS/$name.log") 2>&1
+    rc=$?
+    wait  # the tee
+    local status="ok"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        status="TIMEOUT (${limit}s)"
+    elif [ "$rc" -ne 0 ]; then
+        status="FAILED (exit $rc)"
+    fi
+    NAMES+=("$name")
+    STATUSES+=("$status")
+    TIMES+=("$((SECONDS - t0))")
+    echo "=== [$name] $status in $((SECONDS - t0))s"
+}
+
+cuda_ok() { "$1" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
+
+# --- Python environment -------------------------------------------------------------------
+if [ ! -x .venv/bin/python ]; then
+    step setup 90 bash scripts/setup.sh
+fi
+PY=""
+for candidate in .venv/bin/python python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && cuda_ok "$candidate"; then
+        PY="$(command -v "$candidate")"
+        break
+    fi
+done
+if [ -z "$PY" ]; then
+    echo "no python with a CUDA-enabled torch found (.venv/bin/python, python3); the steps below will fail"
+    PY="$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )"
+fi
+echo "python: $PY"
+
+# --- Steps ----------------------------------------------------------------------------------
+step environment 30 bash -c "nvidia-smi; '$PY' -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version(), \"triton\", triton.__version__, \"gpu\", torch.cuda.get_device_name(0))'"
+step attention_correctness 90 "$PY" bench/attention.py --check-only --out "$RESULTS/attention_check.json"
+step attention_bench 240 "$PY" bench/attention.py --out "$RESULTS/attention.json"
+# Later: step train_mfu 120 "$PY" bench/...   step planner_memory 60 "$PY" bench/...
+
+# --- Summary --------------------------------------------------------------------------------
+echo
+echo "gpu_check summary ($((SECONDS - START))s, results in $RESULTS):"
+failed=0
+for i in "${!NAMES[@]}"; do
+    printf '  %-24s %-20s %4ss\n' "${NAMES[$i]}" "${STATUSES[$i]}" "${TIMES[$i]}"
+    [ "${STATUSES[$i]}" = "ok" ] || failed=1
+done
+if [ -f "$RESULTS/attention.json" ]; then
+    "$PY" - "$RESULTS/attention.json" <<'EOF' || true
+import json, sys
+r = json.load(open(sys.argv[1]))
+c = r["correctness"]
+print(f"  correctness: {'passed' if c.get('passed') else 'FAILED'}; TFLOP/s fwd/bwd at 8k and 32k: " +
+      ", ".join(f"{x['backend']}@{x['seq_len']} {x.get('fwd_tflops') or 0:.0f}/{x.get('bwd_tflops') or 0:.0f}"
+                for x in r["results"] if x.get("seq_len") in (8192, 32768)))
+EOF
+fi
+exit "$failed"
