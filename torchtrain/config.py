@@ -88,6 +88,10 @@ class Checkpoint:
     every: int = 500  # save every N steps (and at the end); 0 saves only at the end
     keep_last: int = 2  # older checkpoints are deleted; 0 keeps all
     resume: bool = False  # continue from the latest checkpoint in the folder
+    # A Hugging Face model folder (config.json + safetensors) to start from when there is nothing
+    # to resume; empty: initialise from job.seed.
+    initial_load_path: str = ""
+    async_mode: str = "disabled"  # "disabled" or "async": write the checkpoint while training continues
 
 
 @dataclass
@@ -168,6 +172,7 @@ CHOICES = {
     ("activation_checkpoint", "mode"): ("none", "full"),
     ("parallelism", "fsdp_reshard_after_forward"): ("default", "always", "never"),
     ("parallelism", "pp_schedule"): ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"),
+    ("checkpoint", "async_mode"): ("disabled", "async"),
 }
 
 
