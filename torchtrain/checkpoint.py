@@ -9,14 +9,28 @@ A checkpoint becomes visible in one ``rename``, so a crash or kill during a save
 previous checkpoints untouched and the partial folder is removed at the next start. Only tensors
 are stored: optimizer hyperparameters come from the recipe, and small integer states (step, data
 position) are stored as tensors, so loading never unpickles anything of ours.
+
+Each checkpoint also holds ``torchtrain.json`` (rank 0 writes it into the partial folder just
+before the rename): the model name and the ModelArgs fields that set tensor shapes. Loading
+compares it with the recipe and raises ConfigError listing every differing field before DCP reads
+anything; the parallel layout is not recorded, since DCP reshards. DCP's own ``.metadata`` is a
+pickle: it is read through :class:`SafeFileSystemReader`, an allow-list unpickler (see there for
+what is and is not guarded). ``async_mode = "async"`` writes with ``dcp.async_save`` and commits
+the previous save at the start of the next one and at the end of training.
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import logging
 import os
+import pathlib
+import pickle
 import re
 import shutil
+import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +38,19 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
+
+from torchtrain.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
 _COMPLETE = re.compile(r"^step-(\d{8})$")
 _PARTIAL_SUFFIX = ".partial"
+_RECORD = "torchtrain.json"  # the model record, written by rank 0 into the folder before its rename
+_SHAPE_FIELDS = ("dim", "num_layers", "num_heads", "num_kv_heads", "vocab_size", "ffn_dim")
 
 
 class ModelAndOptimizer(Stateful):
@@ -83,12 +103,29 @@ class RNGState(Stateful):
 
 
 class CheckpointManager:
-    """Saves, finds and loads the checkpoints of one run."""
+    """Saves, finds, checks and loads the checkpoints of one run.
 
-    def __init__(self, folder: Path, keep_last: int):
+    ``model_record`` (see :func:`model_record`) is written next to every checkpoint and compared on
+    load, so a checkpoint of another model is refused with the differing fields before any DCP read.
+    With ``async_mode="async"`` the write runs in a background thread (``dcp.async_save``, on a
+    gloo group of its own) and is committed (barrier, then rename) at the start of the next save or
+    by :meth:`wait` / :meth:`close`; the training loop only stalls for the copy of the state to CPU.
+    """
+
+    def __init__(self, folder: Path, keep_last: int, async_mode: str = "disabled",
+                 model_record: dict[str, Any] | None = None):
+        if async_mode not in ("disabled", "async"):
+            raise ValueError(f"async_mode must be 'disabled' or 'async', not {async_mode!r}")
         self.folder = Path(folder)
         self.keep_last = keep_last
+        self.async_mode = async_mode
+        self.model_record = dict(model_record) if model_record is not None else None
         self.is_rank0 = dist.get_rank() == 0
+        self.last_blocked_s = 0.0  # how long the last save() held up the training loop
+        self._pending: tuple[Future, int, Path, Path] | None = None
+        # Background saves run collectives from another thread: give them a group of their own so
+        # they never interleave with the training loop's collectives on the default group.
+        self._async_group = dist.new_group(backend="gloo") if async_mode == "async" else None
         if self.is_rank0:
             self.folder.mkdir(parents=True, exist_ok=True)
             # Hidden ".step-*" folders are saves or deletions that a crash or kill interrupted.
@@ -109,11 +146,50 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def save(self, step: int, state: dict[str, Stateful]) -> Path:
+        """Save ``state`` as checkpoint ``step``; with async_mode "async", return before it is on disk."""
+        self.wait()  # commit the previous background save first: checkpoints appear in step order
         final = self.folder / f"step-{step:08d}"
         partial = self.folder / f".step-{step:08d}{_PARTIAL_SUFFIX}"
-        dcp.save(state, checkpoint_id=partial)
+        started = time.perf_counter()
+        if self.async_mode == "async":
+            future = dcp.async_save(state, storage_writer=FileSystemWriter(partial), process_group=self._async_group)
+            self._pending = (future, step, partial, final)
+            self.last_blocked_s = time.perf_counter() - started
+            logger.info("checkpoint step %d: writing in the background; save() blocked training for %.3fs",
+                        step, self.last_blocked_s)
+        else:
+            dcp.save(state, storage_writer=FileSystemWriter(partial))
+            self._commit(step, partial, final)
+            self.last_blocked_s = time.perf_counter() - started
+            logger.info("checkpoint step %d: save() blocked training for %.3fs", step, self.last_blocked_s)
+        return final
+
+    def wait(self) -> None:
+        """Finish and commit a background save, if one is in flight (a no-op for synchronous saves)."""
+        if self._pending is None:
+            return
+        future, step, partial, final = self._pending
+        self._pending = None
+        started = time.perf_counter()
+        future.result()  # raises if this rank's write failed; then nothing is committed
+        self._commit(step, partial, final)
+        logger.info("checkpoint step %d: background write committed (waited %.3fs)", step,
+                    time.perf_counter() - started)
+
+    def close(self) -> None:
+        """Commit any background save; call at the end of training on every rank."""
+        self.wait()
+
+    def _commit(self, step: int, partial: Path, final: Path) -> None:
         dist.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
         if self.is_rank0:
+            if self.model_record is not None:
+                record = {"format": 1, "step": step, "model": self.model_record}
+                path = partial / _RECORD
+                with open(path, "w") as f:
+                    json.dump(record, f, indent=1, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())
             if final.exists():  # a re-run of the same step replaces the older copy
                 shutil.rmtree(final)
             os.rename(partial, final)
@@ -121,10 +197,37 @@ class CheckpointManager:
             self._prune()
         dist.barrier()
         logger.info("saved checkpoint %s", final)
-        return final
+
+    def check(self, path: Path) -> None:
+        """Raise ConfigError if the checkpoint at ``path`` was saved for another model than the recipe's."""
+        if self.model_record is None:
+            return
+        record_path = Path(path) / _RECORD
+        if not record_path.is_file():
+            logger.warning("%s has no %s (saved by an older version?); its model shapes are not checked",
+                           path, _RECORD)
+            return
+        try:
+            saved = json.loads(record_path.read_text())["model"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"checkpoint {path}: unreadable {_RECORD} ({e})") from None
+        differences = [f"{key}: checkpoint {saved.get(key, '(missing)')!r}, recipe {value!r}"
+                       for key, value in self.model_record.items() if saved.get(key) != value]
+        if differences:
+            raise ConfigError(
+                f"checkpoint {path} was saved for a different model than this recipe's: "
+                + "; ".join(differences)
+                + ". Resume it with the model it was trained with, or point checkpoint.folder / "
+                  "job.output_dir at another run."
+            )
 
     def load(self, path: Path, state: dict[str, Stateful]) -> None:
-        dcp.load(state, checkpoint_id=path)
+        """Load ``state`` from ``path`` after checking the model record; never runs pickled code."""
+        self.check(path)
+        # Read the metadata once up front so a refusal surfaces as itself, not wrapped in DCP's
+        # per-rank CheckpointException (dcp.load below reads it again through the same guard).
+        SafeFileSystemReader(path).read_metadata()
+        dcp.load(state, storage_reader=SafeFileSystemReader(path))
         logger.info("resumed from checkpoint %s", path)
 
     def _prune(self) -> None:
@@ -135,6 +238,96 @@ class CheckpointManager:
             doomed = old.with_name(f".{old.name}.deleting")
             os.rename(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
+
+
+def model_record(name: str, args: Any) -> dict[str, Any]:
+    """What a checkpoint must agree on with the recipe: the model name and the fields that set shapes.
+
+    The parallel layout is not part of it: DCP reshards any layout into any other on load.
+    """
+    return {"name": name, **{field: getattr(args, field) for field in _SHAPE_FIELDS}}
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint's DCP metadata asks for something other than plain DCP metadata."""
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """A FileSystemReader whose ``.metadata`` is unpickled with an allow list instead of ``pickle.load``.
+
+    Guarded: the ``.metadata`` pickle may only build DCP's own metadata dataclasses, torch.Size,
+    torch dtypes / layouts / memory formats and plain containers; any other global (``os.system``,
+    ``builtins.eval``, ...) is refused before it is looked up, so no code named by the file runs.
+    Entries stored as pickled bytes are refused too (we only store tensors; DCP would load such
+    entries with ``torch.load``). The ``.distcp`` shards are read by DCP with
+    ``torch.load(weights_only=True)``, torch's own restricted unpickler. Not guarded: the values of
+    the tensors (a tampered checkpoint can hold any numbers) and file sizes / offsets beyond what
+    DCP checks.
+    """
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except UnsafeCheckpointError as e:
+                raise UnsafeCheckpointError(f"{path}: refusing to load: {e}") from None
+            except Exception as e:  # truncated or garbled file
+                raise UnsafeCheckpointError(f"{path}: not a readable DCP metadata file ({e})") from None
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
+        for key, entry in metadata.state_dict_metadata.items():
+            if not isinstance(entry, TensorStorageMetadata):
+                raise UnsafeCheckpointError(f"{path}: entry {key!r} is {type(entry).__name__}, not a tensor; "
+                                            "torchtrain checkpoints hold tensors only")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    from torch.distributed.checkpoint import filesystem as dcp_fs
+    from torch.distributed.checkpoint import metadata as dcp_md
+
+    allowed: dict[tuple[str, str], Any] = {}
+    for module in (dcp_md, dcp_fs):
+        for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                     "TensorProperties", "StorageMeta", "MetadataIndex", "_MEM_FORMAT_ENCODING", "_StorageInfo"):
+            if hasattr(module, name):
+                obj = getattr(module, name)
+                allowed[(obj.__module__, name)] = obj
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("collections", "OrderedDict")] = collections.OrderedDict
+    allowed[("pathlib", "PosixPath")] = pathlib.PosixPath
+    allowed[("torch.serialization", "_get_layout")] = _layout_by_name  # how torch.layout pickles
+    allowed[("pathlib._local", "PosixPath")] = pathlib.PosixPath
+    for name in dir(torch):  # dtypes, layouts and memory formats pickle as attributes of torch
+        obj = getattr(torch, name, None)
+        if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+            allowed[("torch", name)] = obj
+    return allowed
+
+
+def _layout_by_name(name: Any) -> torch.layout:
+    layouts = {str(v): v for v in vars(torch).values() if isinstance(v, torch.layout)}
+    if not isinstance(name, str) or name not in layouts:
+        raise UnsafeCheckpointError(f"unknown tensor layout {name!r}")
+    return layouts[name]
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    _allowed: dict[tuple[str, str], Any] | None = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        if _MetadataUnpickler._allowed is None:
+            _MetadataUnpickler._allowed = _allowed_globals()
+        try:
+            return _MetadataUnpickler._allowed[(module, name)]
+        except KeyError:
+            raise UnsafeCheckpointError(
+                f"the .metadata pickle references {module}.{name}, which is not part of DCP metadata "
+                "(a tampered or foreign file; nothing from it was run)") from None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from torchtrain.checkpoint import CheckpointManager, IntState, ModelAndOptimizer, RNGState
+from torchtrain.checkpoint import CheckpointManager, IntState, ModelAndOptimizer, RNGState, model_record
 from torchtrain.config import Config, ConfigError, load_config, parse_args
 from torchtrain.data import Batch, TokenLoader, build_datasets
 from torchtrain.metrics import MetricsLogger, ThroughputMeter, device_peak_flops, peak_memory_bytes
@@ -98,7 +98,8 @@ def _train(config: Config, device: torch.device) -> TrainResult:
              "data": IntState(train_loader), "rng": RNGState(device), "step": IntState(StepCounter())}
     checkpoints = None
     if config.checkpoint.enabled:
-        checkpoints = CheckpointManager(output_dir / config.checkpoint.folder, config.checkpoint.keep_last)
+        checkpoints = CheckpointManager(output_dir / config.checkpoint.folder, config.checkpoint.keep_last,
+                                        config.checkpoint.async_mode, model_record(config.model.name, model_args))
     start_step = 0
     if config.checkpoint.resume:
         latest = checkpoints.latest() if checkpoints else None
@@ -107,6 +108,9 @@ def _train(config: Config, device: torch.device) -> TrainResult:
         else:
             checkpoints.load(latest[1], state)
             start_step = state["step"].obj.step
+    if config.checkpoint.initial_load_path and start_step == 0:  # start from a Hugging Face model's weights
+        from torchtrain.hf_checkpoint import load_hf_weights
+        load_hf_weights(model, config.checkpoint.initial_load_path, model_args)
 
     # Mixed precision without FSDP is autocast; with FSDP its MixedPrecisionPolicy casts parameters.
     autocast = (torch.autocast(device.type, dtype=param_dtype)
@@ -122,6 +126,8 @@ def _train(config: Config, device: torch.device) -> TrainResult:
             microbatches = [next(batches).to(device) for _ in range(config.training.grad_accum_steps)]
             loss, grad_norm = train_step(parts, optimizer, microbatches, config, dp_group, autocast)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                if checkpoints:
+                    checkpoints.wait()  # a background save of an earlier, finite step is still good
                 last = checkpoints.latest() if checkpoints else None
                 raise TrainingDiverged(
                     f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite, so training stopped "
@@ -153,6 +159,8 @@ def _train(config: Config, device: torch.device) -> TrainResult:
             if checkpoints and (step == config.training.steps
                                 or (config.checkpoint.every and step % config.checkpoint.every == 0)):
                 checkpoints.save(step, state)
+        if checkpoints:
+            checkpoints.close()  # commit a background save before reporting the run done
     finally:
         metrics.close()
     if rank == 0 and config.metrics.tensorboard:

@@ -10,6 +10,11 @@ a test dependency.
 * ``from_hf_state_dict(hf_sd, args)`` / ``to_hf_state_dict(sd, args)``: rename keys (tensors
   are passed through, not copied). Keys of absent layers are simply absent, so a pipeline
   stage's partial state dict converts too.
+* ``model_args_from_hf_config(config_json)``: ``ModelArgs`` from a released ``config.json`` of
+  Llama 2/3, Qwen2/2.5, Qwen (1), InternLM and InternLM2 (``HF_MODEL_TYPES``).
+
+The packed-tensor layouts of Qwen (1) and InternLM2 are handled when reading checkpoints, in
+``torchtrain.hf_checkpoint``.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from typing import Any
 
 from torch import Tensor
 
-from torchtrain.models.llama import ModelArgs
+from torchtrain.models.llama import ModelArgs, RopeScaling
 
-__all__ = ["HF_ARCHITECTURES", "hf_config", "from_hf_state_dict", "to_hf_state_dict"]
+__all__ = ["HF_ARCHITECTURES", "HF_MODEL_TYPES", "hf_config", "from_hf_state_dict", "to_hf_state_dict",
+           "model_args_from_hf_config"]
 
 HF_ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",  # bias on q/k/v/o together or not at all (attention_bias)
@@ -140,3 +146,79 @@ def hf_config(args: ModelArgs, family: str = "llama") -> dict[str, Any]:
                 f"qkv_bias={args.qkv_bias}, out_bias={args.out_bias}")
         config.update(use_sliding_window=False)
     return config
+
+
+# config.json ``model_type`` values ``model_args_from_hf_config`` reads.
+HF_MODEL_TYPES = ("llama", "qwen2", "qwen", "internlm", "internlm2")
+
+
+def _rope_from_hf(cfg: dict[str, Any], default_theta: float) -> tuple[float, RopeScaling | None]:
+    """``rope_theta`` and Llama-3.1 scaling from either the released form (``rope_theta`` +
+    ``rope_scaling``) or transformers 5's ``rope_parameters``."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or params
+    theta = float(cfg.get("rope_theta", params.get("rope_theta", default_theta)))
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if kind == "default":
+        return theta, None
+    if kind == "llama3":
+        return theta, RopeScaling(
+            factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_seq_len=int(scaling["original_max_position_embeddings"]))
+    raise ValueError(f"rope scaling type {kind!r} is not supported (only 'llama3' and none)")
+
+
+def model_args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
+    """The ``ModelArgs`` of a Hugging Face ``config.json`` (a parsed dict).
+
+    ``model_type`` selects the field names: ``llama`` (``attention_bias`` -> q/k/v/o biases),
+    ``qwen2`` (q/k/v biases), ``qwen`` (Qwen 1: ``intermediate_size`` is the width of both up
+    projections together, so each SwiGLU branch is half of it; ``seq_length``,
+    ``rotary_emb_base``, ``layer_norm_epsilon``; ``c_attn`` always has a bias), ``internlm``
+    (InternLM 1: ``bias`` -> q/k/v/o biases) and ``internlm2`` (``bias`` -> wqkv and wo biases).
+    Raises ``ValueError`` for other model types or features our model lacks.
+    """
+    model_type = cfg.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"config.json model_type {model_type!r} is not supported; valid choices: {list(HF_MODEL_TYPES)}")
+    dim, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    if model_type == "qwen":
+        if not cfg.get("no_bias", True):
+            raise ValueError("Qwen config has no_bias = false (biases on the MLP), which our model lacks")
+        if cfg.get("rotary_pct", 1.0) != 1.0:
+            raise ValueError(f"Qwen config has rotary_pct = {cfg['rotary_pct']}; only 1.0 is supported")
+        kv_channels = cfg.get("kv_channels", dim // heads)
+        if kv_channels * heads != dim:
+            raise ValueError(f"Qwen config kv_channels {kv_channels} * heads {heads} != hidden_size {dim}")
+        args = ModelArgs(
+            dim=dim, num_layers=int(cfg["num_hidden_layers"]), num_heads=heads, num_kv_heads=heads,
+            vocab_size=int(cfg["vocab_size"]), ffn_dim=int(cfg["intermediate_size"]) // 2,
+            norm_eps=float(cfg.get("layer_norm_epsilon", 1e-6)), rope_theta=float(cfg.get("rotary_emb_base", 10000.0)),
+            max_seq_len=int(cfg.get("seq_length", cfg.get("max_position_embeddings", 2048))),
+            qkv_bias=True, out_bias=False, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+        args.validate()
+        return args
+    theta, scaling = _rope_from_hf(cfg, 1e6 if model_type == "internlm2" else 10000.0)
+    if model_type == "llama":
+        if cfg.get("mlp_bias", False):
+            raise ValueError("Llama config has mlp_bias = true, which our model lacks")
+        qkv_bias = out_bias = bool(cfg.get("attention_bias", False))
+    elif model_type == "qwen2":
+        qkv_bias, out_bias = True, False
+        if cfg.get("use_sliding_window", False):
+            raise ValueError("Qwen2 config has use_sliding_window = true, which our model lacks")
+    else:  # internlm, internlm2
+        qkv_bias = out_bias = bool(cfg.get("bias", model_type == "internlm"))
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and head_dim * heads != dim:
+        raise ValueError(f"config head_dim {head_dim} * num_attention_heads {heads} != hidden_size {dim}; "
+                         f"our model needs head_dim = hidden_size // num_attention_heads")
+    args = ModelArgs(
+        dim=dim, num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads), vocab_size=int(cfg["vocab_size"]),
+        ffn_dim=int(cfg["intermediate_size"]), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta, rope_scaling=scaling, max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
+        qkv_bias=qkv_bias, out_bias=out_bias, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+    args.validate()
+    return args

@@ -1,0 +1,130 @@
+"""Checkpoint robustness: a kill mid-save, a checkpoint of another model, a hostile .metadata, async saves."""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+from launcher import REPO, torchrun
+from test_train import run, tiny
+from torchtrain.checkpoint import SafeFileSystemReader, UnsafeCheckpointError
+from torchtrain.config import ConfigError
+
+
+def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
+    out, ready = tmp_path / "killed", tmp_path / "ready"
+    cmd = [sys.executable, str(REPO / "tests/workers/ckpt_hang_save.py"), "--hang-step", "4", "--ready", str(ready),
+           "--config", str(REPO / "recipes/debug.toml"), *tiny(out, "--checkpoint.every", "2")]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the worker exited ({proc.returncode}) before hanging in the save:\n"
+                            f"{proc.stderr.read()[-4000:]}")
+            assert time.monotonic() < deadline, "the worker never reached the save of step 4"
+            time.sleep(0.1)
+        partial = out / "checkpoints/.step-00000004.partial"
+        shards = sorted(p.name for p in partial.iterdir())
+        assert shards and ".metadata" not in shards, shards  # mid-save: shards written, not finished
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [".step-00000004.partial", "step-00000002"]
+
+    resumed = run(out, "--checkpoint.every", "2", "--checkpoint.resume", "true")
+    assert sorted(resumed.losses) == [3, 4, 5, 6, 7, 8]  # from the last complete checkpoint, step 2
+    assert not partial.exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-00000002", "step-00000004", "step-00000006", "step-00000008"]
+    full = run(tmp_path / "full", "--checkpoint.every", "2")
+    for step in resumed.losses:
+        # Steps 1-2 ran in another process (possibly another CPU thread count), so allow rounding.
+        assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-6), step
+    assert resumed.val_losses[8] == pytest.approx(full.val_losses[8], rel=1e-5, abs=1e-6)
+
+
+def test_checkpoint_of_another_model_is_refused_before_training(tmp_path):
+    run(tmp_path, "--training.steps", "2")
+    with pytest.raises(ConfigError) as failure:
+        run(tmp_path, "--model.name", "debug_30m", "--checkpoint.resume", "true")
+    message = str(failure.value)
+    assert str(tmp_path / "checkpoints/step-00000002") in message
+    for expected in ("name: checkpoint 'debug', recipe 'debug_30m'", "dim: checkpoint 256, recipe 512",
+                     "num_layers: checkpoint 4, recipe 8", "ffn_dim: checkpoint 704, recipe 1408"):
+        assert expected in message, message
+    assert "vocab_size" not in message and "num_heads" not in message  # equal fields are not listed
+    assert "step 1/8" not in (tmp_path / "train.log").read_text()  # the second run ran no step
+
+
+def test_a_checkpoint_with_a_code_executing_metadata_pickle_is_refused(tmp_path):
+    run(tmp_path, "--training.steps", "2")
+    shutil.copytree(tmp_path / "checkpoints", tmp_path / "full/checkpoints")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    metadata = tmp_path / "checkpoints/step-00000002/.metadata"
+    metadata.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refusing to load: .* references (posix|os)\.system"):
+        run(tmp_path, "--checkpoint.resume", "true")
+    assert not marker.exists()
+
+    # Genuine DCP metadata with an entry stored as pickled bytes (DCP would torch.load it) is refused.
+    good = SafeFileSystemReader(tmp_path / "full/checkpoints/step-00000002").read_metadata()
+    key = next(iter(good.state_dict_metadata))
+    good.state_dict_metadata[key] = BytesStorageMetadata()
+    metadata.write_bytes(pickle.dumps(good))
+    with pytest.raises(UnsafeCheckpointError, match=rf"entry '{key}' is BytesStorageMetadata, not a tensor"):
+        run(tmp_path, "--checkpoint.resume", "true")
+
+
+def test_async_save_is_complete_resumable_and_equals_sync(tmp_path):
+    sync = run(tmp_path / "sync", "--checkpoint.every", "2")
+    asyn = run(tmp_path / "async", "--checkpoint.every", "2", "--checkpoint.async_mode", "async")
+    assert asyn.losses == sync.losses
+    folder = tmp_path / "async/checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == [f"step-{s:08d}" for s in (2, 4, 6, 8)]
+    for step in (2, 4, 6, 8):
+        assert {".metadata", "torchtrain.json"} <= {p.name for p in (folder / f"step-{step:08d}").iterdir()}
+    log = (tmp_path / "async/train.log").read_text()
+    assert "checkpoint step 2: writing in the background; save() blocked training for" in log
+    assert "checkpoint step 8: background write committed" in log
+
+    # Resume the async run from its step-4 checkpoint: the same losses as the sync run.
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints").mkdir(parents=True)
+    os.rename(folder / "step-00000004", stopped / "checkpoints/step-00000004")
+    resumed = run(stopped, "--checkpoint.resume", "true", "--checkpoint.async_mode", "async")
+    assert sorted(resumed.losses) == [5, 6, 7, 8]
+    for step in resumed.losses:
+        assert resumed.losses[step] == sync.losses[step], step
+    assert resumed.val_losses[8] == sync.val_losses[8]
+
+
+def test_async_save_across_two_fsdp_ranks_resumes_bitwise(tmp_path):
+    """The background writes run collectives on their own gloo group, beside FSDP's on the default one."""
+    out = tmp_path / "losses.json"
+    torchrun(2, REPO / "tests/workers/train_and_resume.py", "--out", out, "--resume-from", "4",
+             "--config", REPO / "recipes/debug.toml",
+             *tiny(tmp_path / "run", "--training.local_batch_size", "2", "--checkpoint.async_mode", "async"))
+    result = json.loads(out.read_text())
+    assert sorted(result["resumed_losses"], key=int) == ["5", "6", "7", "8"]
+    for step, loss in result["resumed_losses"].items():
+        assert loss == result["losses"][step], step
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step-00000004", "step-00000008"]

@@ -1,0 +1,280 @@
+"""Hugging Face folders in and out: load_hf_weights, export_hf, the export CLI and initial_load_path.
+
+Tiny random fp32 models on the CPU; nothing is downloaded.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from safetensors.torch import save_file  # noqa: E402
+
+from launcher import REPO  # noqa: E402
+from test_hf_parity import TINY, _hf_model, _randomize  # noqa: E402
+from test_train import tiny  # noqa: E402
+from torchtrain.config import load_config  # noqa: E402
+from torchtrain.export import main as export_main  # noqa: E402
+from torchtrain.hf_checkpoint import export_hf, hf_weight_files, load_hf_weights  # noqa: E402
+from torchtrain.models import ModelArgs, Transformer, get_model_args, hf_config  # noqa: E402
+from torchtrain.models.hf import model_args_from_hf_config  # noqa: E402
+
+ATOL = 1e-5
+GQA = TINY  # 4 query heads, 2 key/value heads
+QWEN2 = dataclasses.replace(TINY, qkv_bias=True, rope_theta=1e6, norm_eps=1e-6)
+
+
+def _ours(args: ModelArgs, seed: int = 7) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=seed)
+    return model.eval()
+
+
+def _tokens(args: ModelArgs) -> torch.Tensor:
+    return torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("args,family", [(GQA, "llama"), (QWEN2, "qwen2")], ids=["llama_gqa", "qwen2_bias"])
+def test_load_sharded_save_pretrained(tmp_path, args, family):
+    hf_model = _hf_model(args, family)
+    hf_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size=40_000)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) >= 2 and (tmp_path / "model.safetensors.index.json").exists()
+    assert model_args_from_hf_config(json.loads((tmp_path / "config.json").read_text())) == args
+    model = _ours(args)
+    load_hf_weights(model, tmp_path, args)
+    tokens = _tokens(args)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf_model(tokens).logits, atol=ATOL, rtol=0)
+
+
+def test_load_opens_only_the_shards_it_needs(tmp_path):
+    hf_model = _hf_model(GQA, "llama")
+    hf_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size=40_000)
+    files = hf_weight_files(tmp_path)
+    model = _ours(GQA)
+    del model.layers["1"]  # what a pipeline rank holding block 0 and the ends has
+    needed = {files[k] for k in files if not k.startswith("model.layers.1.")}
+    unneeded = set(files.values()) - needed
+    assert unneeded, "the test needs a shard holding only block 1"
+    for name in unneeded:
+        (tmp_path / name).write_bytes(b"not a safetensors file")  # opening it would fail
+    load_hf_weights(model, tmp_path, GQA)
+    torch.testing.assert_close(model.layers["0"].attention.wk.weight,
+                               hf_model.model.layers[0].self_attn.k_proj.weight, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("args,family", [(GQA, "llama"), (QWEN2, "qwen2"),
+                                         (dataclasses.replace(TINY, tie_embeddings=True), "llama")],
+                         ids=["llama_gqa", "qwen2_bias", "llama_tied"])
+def test_export_loads_in_transformers(tmp_path, args, family):
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    model = _ours(args)
+    _randomize(model)
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20,
+                            trainers.BpeTrainer(vocab_size=100, special_tokens=["<|eos|>", "<|bos|>"]))
+    tok.save(str(tmp_path / "tok.json"))
+
+    out = tmp_path / "hf"
+    export_hf(model.state_dict(), args, out, family, tokenizer_path=tmp_path / "tok.json", max_shard_bytes=40_000)
+    assert len(list(out.glob("model-*.safetensors"))) >= 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] and config["model_type"] == family and config["torch_dtype"] == "float32"
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(hf_model).__name__ == hf_config(args, family)["architectures"][0]
+    tokens = _tokens(args)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(tokens).logits, model(tokens), atol=ATOL, rtol=0)
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "the lazy fox, hello"
+    ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == tok.encode(text).ids and hf_tok.decode(ids) == text
+    assert hf_tok.eos_token == "<|eos|>" and config["eos_token_id"] == tok.token_to_id("<|eos|>")
+
+    # And back: the exported folder loads into our model unchanged.
+    back = _ours(args, seed=99)
+    load_hf_weights(back, out, args)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], value, atol=0, rtol=0)
+
+
+def _save(folder: Path, hf_sd: dict, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().clone() for k, v in hf_sd.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _assert_same(model: Transformer, reference: Transformer) -> None:
+    got = model.state_dict()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(got[name], value, atol=0, rtol=0, msg=name)
+
+
+def test_qwen1_packed_c_attn_and_swapped_mlp(tmp_path):
+    args = dataclasses.replace(TINY, num_kv_heads=4, qkv_bias=True, norm_eps=1e-6)  # Qwen 1 is MHA, c_attn has a bias
+    ref = _ours(args)
+    _randomize(ref)
+    sd = ref.state_dict()
+    hf_sd = {"transformer.wte.weight": sd["tok_embeddings.weight"], "transformer.ln_f.weight": sd["norm.weight"],
+             "lm_head.weight": sd["output.weight"]}
+    for i in range(args.num_layers):
+        p, h = f"layers.{i}.", f"transformer.h.{i}."
+        for kind in ("weight", "bias"):  # c_attn = Linear(dim, 3 * dim): q, k, v stacked along the output
+            hf_sd[h + f"attn.c_attn.{kind}"] = torch.cat([sd[p + f"attention.w{x}.{kind}"] for x in "qkv"])
+        hf_sd[h + "attn.c_proj.weight"] = sd[p + "attention.wo.weight"]
+        hf_sd[h + "mlp.w1.weight"] = sd[p + "feed_forward.w3.weight"]  # up
+        hf_sd[h + "mlp.w2.weight"] = sd[p + "feed_forward.w1.weight"]  # gate
+        hf_sd[h + "mlp.c_proj.weight"] = sd[p + "feed_forward.w2.weight"]
+        hf_sd[h + "ln_1.weight"] = sd[p + "attention_norm.weight"]
+        hf_sd[h + "ln_2.weight"] = sd[p + "ffn_norm.weight"]
+    config = {"model_type": "qwen", "architectures": ["QWenLMHeadModel"], "hidden_size": 64, "num_attention_heads": 4,
+              "num_hidden_layers": 2, "intermediate_size": 2 * 96, "kv_channels": 16, "vocab_size": 128,
+              "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000, "rotary_pct": 1.0, "seq_length": 64,
+              "no_bias": True, "tie_word_embeddings": False}
+    assert model_args_from_hf_config(config) == args
+    model = _ours(args, seed=3)
+    load_hf_weights(model, _save(tmp_path, hf_sd, config), args)
+    _assert_same(model, ref)
+
+    # Qwen 1's MLP, written as in its modeling code, equals ours after the mapping.
+    x = torch.randn(3, args.dim)
+    h = "transformer.h.0."
+    a1, a2 = F.linear(x, hf_sd[h + "mlp.w1.weight"]), F.linear(x, hf_sd[h + "mlp.w2.weight"])
+    torch.testing.assert_close(F.linear(a1 * F.silu(a2), hf_sd[h + "mlp.c_proj.weight"]),
+                               model.layers["0"].feed_forward(x), atol=ATOL, rtol=0)
+
+
+def _pack_internlm2(wq, wk, wv, args):
+    """InternLM2's wqkv: per key/value group, its q_per_kv query heads, then its key head and value head."""
+    kv, hd = args.num_kv_heads, args.head_dim
+    g = args.num_heads // kv
+    rest = wq.shape[1:]
+    return torch.cat([wq.reshape(kv, g, hd, *rest), wk.reshape(kv, 1, hd, *rest), wv.reshape(kv, 1, hd, *rest)],
+                     dim=1).reshape(-1, *rest)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_internlm2_packed_wqkv(tmp_path, bias):
+    args = dataclasses.replace(TINY, num_heads=8, num_kv_heads=2, qkv_bias=bias, out_bias=bias, rope_theta=1e6)
+    ref = _ours(args)
+    _randomize(ref)
+    sd = ref.state_dict()
+    hf_sd = {"model.tok_embeddings.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
+             "output.weight": sd["output.weight"]}
+    for i in range(args.num_layers):
+        p, h = f"layers.{i}.", f"model.layers.{i}."
+        for kind in ("weight", "bias") if bias else ("weight",):
+            hf_sd[h + f"attention.wqkv.{kind}"] = _pack_internlm2(*(sd[p + f"attention.w{x}.{kind}"] for x in "qkv"),
+                                                                  args)
+            hf_sd[h + f"attention.wo.{kind}"] = sd[p + f"attention.wo.{kind}"]
+        for name in ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "attention_norm", "ffn_norm"):
+            hf_sd[h + name + ".weight"] = sd[p + name + ".weight"]
+    config = {"model_type": "internlm2", "hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 2,
+              "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 128, "rms_norm_eps": 1e-5,
+              "rope_theta": 1e6, "max_position_embeddings": 64, "bias": bias, "tie_word_embeddings": False}
+    assert model_args_from_hf_config(config) == args
+    model = _ours(args, seed=3)
+    load_hf_weights(model, _save(tmp_path, hf_sd, config), args)
+    _assert_same(model, ref)
+
+    # InternLM2's own unpacking ("b q (h gs d) -> b q h gs d", q = [..., :gs-2, :], k = [..., -2, :], v = [..., -1, :])
+    # gives the projections of our wq/wk/wv.
+    x = torch.randn(5, args.dim)
+    g, hd, kv = args.num_heads // args.num_kv_heads, args.head_dim, args.num_kv_heads
+    qkv = F.linear(x, hf_sd["model.layers.1.attention.wqkv.weight"],
+                   hf_sd.get("model.layers.1.attention.wqkv.bias")).reshape(5, kv, g + 2, hd)
+    attn = model.layers["1"].attention
+    torch.testing.assert_close(qkv[:, :, :g].reshape(5, -1), attn.wq(x), atol=ATOL, rtol=0)
+    torch.testing.assert_close(qkv[:, :, -2].reshape(5, -1), attn.wk(x), atol=ATOL, rtol=0)
+    torch.testing.assert_close(qkv[:, :, -1].reshape(5, -1), attn.wv(x), atol=ATOL, rtol=0)
+
+
+def test_internlm1_llama_names_with_qkvo_bias(tmp_path):
+    args = dataclasses.replace(TINY, num_kv_heads=4, qkv_bias=True, out_bias=True, norm_eps=1e-6)
+    ref = _ours(args)
+    _randomize(ref)
+    from torchtrain.models import to_hf_state_dict
+    hf_sd = to_hf_state_dict(ref.state_dict(), args)
+    assert "model.layers.0.self_attn.o_proj.bias" in hf_sd
+    config = {"model_type": "internlm", "architectures": ["InternLMForCausalLM"], "hidden_size": 64,
+              "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 128,
+              "rms_norm_eps": 1e-6, "max_position_embeddings": 64, "bias": True, "tie_word_embeddings": False}
+    assert model_args_from_hf_config(config) == args
+    model = _ours(args, seed=3)
+    load_hf_weights(model, _save(tmp_path, hf_sd, config), args)
+    _assert_same(model, ref)
+
+
+def test_model_args_from_hf_config_round_trips_hf_config():
+    from test_hf_parity import CASES
+    for args, family in CASES.values():
+        assert model_args_from_hf_config(hf_config(args, family)) == args
+    with pytest.raises(ValueError, match="valid choices"):
+        model_args_from_hf_config({"model_type": "gpt2"})
+
+
+def test_errors_name_folder_key_and_shapes(tmp_path):
+    hf_sd = _hf_model(GQA, "llama").state_dict()
+    missing = {k: v for k, v in hf_sd.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    folder = _save(tmp_path / "missing", missing, {})
+    with pytest.raises(ValueError, match=r"missing.*model\.layers\.1\.mlp\.up_proj\.weight") as e:
+        load_hf_weights(_ours(GQA), folder, GQA)
+    assert str(folder) in str(e.value)
+
+    wrong = dataclasses.replace(GQA, ffn_dim=80)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight.*\(96, 64\).*\(80, 64\)") as e:
+        load_hf_weights(_ours(wrong), _save(tmp_path / "shape", hf_sd, {}), wrong)
+    assert str(tmp_path / "shape") in str(e.value)
+
+    extra = {**hf_sd, "model.layers.2.mlp.up_proj.weight": hf_sd["model.layers.1.mlp.up_proj.weight"]}
+    with pytest.raises(ValueError, match=r"no parameter for.*model\.layers\.2\.mlp\.up_proj\.weight"):
+        load_hf_weights(_ours(GQA), _save(tmp_path / "extra", extra, {}), GQA)
+    with pytest.raises(ValueError, match="neither model.safetensors nor"):
+        load_hf_weights(_ours(GQA), tmp_path / "nothing", GQA)
+
+
+def test_initial_load_path_and_export_cli(tmp_path):
+    """train() starts from an exported folder, and the export CLI turns its checkpoint back into that model."""
+    from torchtrain.train import attention_inputs, build_data, train
+
+    args = get_model_args("debug")
+    start = _ours(args, seed=123)  # not the job seed's initialisation
+    export_hf(start.state_dict(), args, tmp_path / "start", "llama")
+
+    # lr 1e-30: the one optimizer step leaves the weights unchanged in fp32, so the checkpoint holds `start`.
+    overrides = tiny(tmp_path / "run", "--training.steps", "1", "--lr_scheduler.warmup_steps", "0",
+                     "--optimizer.lr", "1e-30", "--training.val_every", "0", "--metrics.tensorboard", "false",
+                     "--checkpoint.initial_load_path", str(tmp_path / "start"))
+    config = load_config(REPO / "recipes/debug.toml", overrides)
+    result = train(config)
+    train_loader, _ = build_data(config, args, 0, 1)
+    batch = next(iter(train_loader))
+    with torch.no_grad():
+        expected = start(batch.tokens, labels=batch.labels, **attention_inputs(batch, config)) / batch.num_valid_tokens()
+    assert result.losses[1] == pytest.approx(expected.item(), rel=1e-5)
+    with torch.no_grad():  # and not the loss of the job seed's own initialisation
+        seed_init = _ours(args, seed=config.job.seed)(batch.tokens, labels=batch.labels, **attention_inputs(batch, config))
+    assert result.losses[1] != pytest.approx(seed_init.item() / batch.num_valid_tokens(), rel=1e-4)
+
+    checkpoint = next((tmp_path / "run/checkpoints").glob("step-*"))
+    export_main(["--config", str(REPO / "recipes/debug.toml"), "--checkpoint", str(checkpoint),
+                 "--out", str(tmp_path / "out"), *overrides])
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    tokens = batch.tokens[:2, :32]
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(tokens).logits, start(tokens), atol=ATOL, rtol=0)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert hf_tok.decode(hf_tok("def f(x):\n    return x")["input_ids"]) == "def f(x):\n    return x"
