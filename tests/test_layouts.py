@@ -76,3 +76,31 @@ def test_layout_matches_the_single_process_run_and_resumes(tmp_path, single, nam
     for step in ("3", "4"):
         assert got["resumed_losses"][step] == pytest.approx(got["losses"][step], rel=1e-6, abs=0), step
         assert got["resumed_grad_norms"][step] == pytest.approx(got["grad_norms"][step], rel=1e-6, abs=0), step
+
+
+# Resumed from the single-process run's step-2 checkpoint under another layout (DCP reshards the
+# model and optimizer; the loader's global sample position re-shards the data over the new
+# data-parallel ranks): steps 3 and 4 must be the single-process run's.
+RESHARDED = {
+    "fsdp2_tp2": LAYOUTS["fsdp2_tp2"],
+    "pp2_fsdp2_interleaved": (4, 2, ["--parallelism.pp", "2", "--parallelism.dp_shard", "2",
+                                     "--parallelism.pp_schedule", "interleaved_1f1b"]),
+}
+
+
+@pytest.mark.parametrize("name", RESHARDED)
+def test_a_single_process_checkpoint_resumes_under_another_layout(tmp_path, single, name):
+    import shutil
+
+    nproc, dp, layout = RESHARDED[name]
+    out_dir = tmp_path / name
+    shutil.copytree(single["output_dir"] + f"/checkpoints/step-{RESUME_FROM:08d}",
+                    out_dir / f"checkpoints/step-{RESUME_FROM:08d}")
+    out = tmp_path / f"{name}.json"
+    torchrun(nproc, REPO / "tests/workers/train_losses.py", "--out", out,
+             *overrides(out_dir, GLOBAL_BATCH // dp, *layout, "--checkpoint.resume", "true"))
+    got = json.loads(out.read_text())
+    assert sorted(got["losses"], key=int) == ["3", "4"]
+    for step in ("3", "4"):
+        assert got["losses"][step] == pytest.approx(single["losses"][step], rel=2e-5), step
+        assert got["grad_norms"][step] == pytest.approx(single["grad_norms"][step], rel=5e-4), step

@@ -34,4 +34,5 @@ if rank == 0:
     Path(args.out).write_text(json.dumps({
         "losses": first.losses, "grad_norms": first.grad_norms, "val_losses": first.val_losses,
         "resumed_losses": resumed.losses, "resumed_grad_norms": resumed.grad_norms,
+        "output_dir": str(config.job.output_dir),
     }))
