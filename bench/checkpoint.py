@@ -1,0 +1,382 @@
+"""Checkpoint benchmark: save / load throughput of the trainer's checkpoint path against the disk itself.
+
+    python bench/checkpoint.py                        # the recorded run (~0.3B parameters, ~3.6 GB, ~2 minutes)
+    python bench/checkpoint.py --params-billion 0.5   # a bigger model (~6 GB of checkpoint)
+    python bench/checkpoint.py --model debug_30m      # a registry model instead
+    python bench/checkpoint.py --quick                # a smoke test (the "debug" model, seconds)
+
+What is measured. The model is built the way the trainer builds it (``build_model``: meta device ->
+``parallelize`` -> ``to_empty`` -> ``init_weights``, fp32, eager), the optimizer is the trainer's
+AdamW (``build_optimizer``), in a one-process gloo group (``init_distributed``). A few real
+``train_step`` calls on one random batch create the AdamW moments, so the checkpoint holds what a
+training run's does: parameters + exp_avg + exp_avg_sq (+ step counters), all fp32, ~12 bytes per
+parameter, behind the trainer's ``state`` dict (``ModelAndOptimizer``, ``IntState``, ``RNGState``).
+The default model is a Llama shape (dim 1536, 12/4 heads, FFN 4096, vocab 32000) with as many layers
+as give ``--params-billion`` (default 0.3B -> ~3.6 GB of checkpoint: this machine has 24 GB of memory
+and 2 cores; the async save also stages a full copy of the state in memory).
+
+* save: ``CheckpointManager(async_mode="disabled").save(step, state)`` -- the whole call, i.e. DCP's
+  planning, the writes (DCP fsyncs its files), the model record, the atomic rename and the directory
+  fsync. Throughput = bytes of the checkpoint folder / seconds.
+* disk: the same number of bytes written to the same folder with 64 MiB buffered ``write`` calls and
+  one ``fsync``: the disk's own sequential write speed, measured in the same run, interleaved with
+  the saves (disk, save, disk, save, ...); the target is save >= 50% of it (medians compared).
+* load: ``CheckpointManager.load(path, state)`` into the live model and optimizer. Cold = after
+  ``posix_fadvise(DONTNEED)`` on every file of the checkpoint (evicts its clean pages from the page
+  cache, per file, no root needed, nothing else on the machine is touched); warm = immediately again,
+  served from the page cache. The disk's read speed is measured the same way on the baseline file.
+  ``DONTNEED`` is a request the kernel may partly ignore (pages still mapped or dirty stay), and the
+  storage under a virtual disk may have its own cache: a "cold" read far above the disk's write speed
+  betrays either, so treat cold figures as an upper bound of a truly cold read.
+* async stall: ``CheckpointManager(async_mode="async").save()`` returns once the state is staged
+  (copied to CPU memory); ``last_blocked_s`` is how long it held the training loop. It is compared
+  with the time of one training step of the SAME model measured in this run (median of
+  ``--steps`` eager steps of ``--batch-size`` x ``--seq-len`` tokens after one warm-up step); the
+  target is a stall < 10% of a step. ``--step-time`` replaces the measured step time (say where it
+  comes from). One training step is also timed while the background write runs, and the
+  ``wait()`` that commits it, so the cost the background write puts on training is visible.
+
+The checkpoint folder defaults to a temporary folder under ``outputs/`` (removed afterwards), on the
+same file system as a training run's checkpoints. Results go to ``bench/results/checkpoint.json``
+(``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DEFAULT_OUT = REPO / "bench" / "results" / "checkpoint.json"
+TARGET_SAVE_FRACTION, TARGET_STALL_FRACTION = 0.5, 0.10
+CHUNK = 64 << 20  # bytes per write() / read() of the disk baseline
+SEED = 0
+
+
+def _git(*cmd: str) -> str:
+    try:
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _filesystem(path: Path) -> str:
+    try:
+        out = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True, check=True).stdout
+        fields = out.splitlines()[-1].split()
+        return f"{fields[0]} ({fields[1]})"
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "unknown"
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _evict(path: Path) -> None:
+    """Ask the kernel to drop the (clean) cached pages of every file under ``path`` (or of ``path``)."""
+    for p in ([path] if path.is_file() else [q for q in path.rglob("*") if q.is_file()]):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_write(path: Path, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` sequentially (buffered writes of CHUNK bytes, then fsync)."""
+    buf = os.urandom(1 << 20) * (CHUNK >> 20)  # incompressible, in case the storage compresses
+    view = memoryview(buf)
+    started = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(view[: min(CHUNK, left)])
+        os.fsync(f.fileno())
+    return time.perf_counter() - started
+
+
+def disk_read(path: Path) -> float:
+    """Seconds to read ``path`` sequentially into one reused buffer."""
+    buf = bytearray(CHUNK)
+    started = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - started
+
+
+def build(opts: argparse.Namespace):
+    """The trainer's model, optimizer, state dict and one step on a random batch; returns a dict."""
+    import torch
+
+    from torchtrain.checkpoint import IntState, ModelAndOptimizer, RNGState, model_record
+    from torchtrain.config import Config
+    from torchtrain.data import Batch
+    from torchtrain.models import get_model_args
+    from torchtrain.optim import LRSchedule, build_optimizer
+    from torchtrain.parallel import ParallelDims, build_mesh, init_distributed
+    from torchtrain.train import StepCounter, build_model, train_step
+
+    device = torch.device("cpu")
+    config = Config()
+    config.training.seq_len = opts.seq_len
+    config.training.local_batch_size = opts.batch_size
+    config.training.device = "cpu"
+    config.training.dtype = "float32"
+    config.data.document_mask = False
+    config.compile.enabled = False
+    if opts.model:
+        config.model.name = opts.model
+        args = get_model_args(opts.model)
+        name = opts.model
+    else:
+        args = get_model_args("debug")
+        args.dim, args.num_heads, args.num_kv_heads, args.ffn_dim, args.vocab_size = 1536, 12, 4, 4096, 32000
+        args.num_layers = 1
+        one = args.num_params(exclude_embedding=False)
+        args.num_layers = 2
+        per_layer = args.num_params(exclude_embedding=False) - one  # one block
+        args.num_layers = max(1, round((opts.params_billion * 1e9 - (one - per_layer)) / per_layer))
+        name = f"bench_{args.num_params(exclude_embedding=False) / 1e9:.2f}b"
+    args.attention = "sdpa"
+    args.max_seq_len = max(args.max_seq_len, opts.seq_len)
+    init_distributed(device)
+    dims = ParallelDims.resolve(config.parallelism, 1)
+    mesh, dp_mesh = build_mesh(dims, device)
+    parts = build_model(args, config, mesh, dims, device, torch.float32)
+    optimizer = build_optimizer(parts.model, config.optimizer, device)
+    lr_schedule = LRSchedule(optimizer, config.lr_scheduler, 1000)
+    gen = torch.Generator().manual_seed(SEED)
+    tokens = torch.randint(0, args.vocab_size, (opts.batch_size, opts.seq_len + 1), generator=gen)
+    batch = Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(),
+                  torch.zeros((opts.batch_size, opts.seq_len), dtype=torch.int32),
+                  torch.arange(opts.seq_len).expand(opts.batch_size, -1).contiguous())
+    dp_group = dp_mesh.get_group()
+    counter = StepCounter()
+
+    class _Data:  # the loader's position, as the trainer stores it
+        def state_dict(self):
+            return {"position": 0}
+
+        def load_state_dict(self, state):
+            pass
+
+    state = {"model_and_optimizer": ModelAndOptimizer(parts.model, optimizer), "lr_schedule": IntState(lr_schedule),
+             "data": IntState(_Data()), "rng": RNGState(device), "step": IntState(counter)}
+
+    def step() -> float:
+        started = time.perf_counter()
+        train_step(parts, optimizer, [batch], config, dp_group, nullcontext())
+        lr_schedule.step()
+        counter.step += 1
+        return time.perf_counter() - started
+
+    return {"args": args, "name": name, "state": state, "step": step, "record": model_record(name, args),
+            "params": args.num_params(exclude_embedding=False), "threads": torch.get_num_threads()}
+
+
+def run(opts: argparse.Namespace) -> dict:
+    from torchtrain.checkpoint import CheckpointManager
+
+    built = build(opts)
+    state, step = built["state"], built["step"]
+    print(f"model {built['name']}: {built['params'] / 1e6:.1f}M parameters; timing train steps ...", flush=True)
+    step_times = [step() for _ in range(1 + opts.steps)]  # the first creates the AdamW moments
+    measured_step_s = statistics.median(step_times[1:])
+    step_s = opts.step_time if opts.step_time else measured_step_s
+
+    folder = opts.folder
+    sync = CheckpointManager(folder / "sync", keep_last=0, async_mode="disabled", model_record=built["record"])
+    disk_file = folder / "disk-baseline.bin"
+    saves, disk_writes, ckpt_bytes, last = [], [], 0, None
+    for i in range(opts.repeats):
+        if last is not None:
+            shutil.rmtree(last)
+        if ckpt_bytes:  # the first save tells how many bytes the baseline must write
+            disk_file.unlink(missing_ok=True)
+            disk_writes.append(disk_write(disk_file, ckpt_bytes))
+        started = time.perf_counter()
+        last = sync.save(i + 1, state)
+        saves.append(time.perf_counter() - started)
+        ckpt_bytes = _folder_bytes(last)
+        print(f"  save {i + 1}: {saves[-1]:.2f}s for {ckpt_bytes / 1e9:.2f} GB", flush=True)
+    disk_file.unlink(missing_ok=True)
+    disk_writes.append(disk_write(disk_file, ckpt_bytes))  # one disk write after the last save too
+    print(f"  disk writes: {', '.join(f'{s:.2f}s' for s in disk_writes)}", flush=True)
+
+    loads_cold, loads_warm, reads_cold, reads_warm = [], [], [], []
+    for _ in range(opts.repeats):
+        _evict(disk_file)
+        reads_cold.append(disk_read(disk_file))
+        reads_warm.append(disk_read(disk_file))
+        _evict(last)
+        started = time.perf_counter()
+        sync.load(last, state)
+        loads_cold.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        sync.load(last, state)
+        loads_warm.append(time.perf_counter() - started)
+    disk_file.unlink(missing_ok=True)
+    shutil.rmtree(last)
+
+    asy = CheckpointManager(folder / "async", keep_last=1, async_mode="async", model_record=built["record"])
+    blocked, step_during, waits, totals = [], [], [], []
+    for i in range(opts.repeats):
+        started = time.perf_counter()
+        asy.save(100 + i, state)
+        blocked.append(asy.last_blocked_s)
+        step_during.append(step())
+        waited = time.perf_counter()
+        asy.wait()
+        waits.append(time.perf_counter() - waited)
+        totals.append(time.perf_counter() - started)
+        print(f"  async save {i + 1}: blocked {blocked[-1]:.3f}s, step during write {step_during[-1]:.2f}s, "
+              f"wait {waits[-1]:.2f}s", flush=True)
+    asy.close()
+
+    gb = ckpt_bytes / 1e9
+    med = statistics.median
+    return {
+        "model": {"name": built["name"], "params": built["params"], "dim": built["args"].dim,
+                  "num_layers": built["args"].num_layers, "vocab_size": built["args"].vocab_size},
+        "checkpoint_bytes": ckpt_bytes,
+        "threads": built["threads"],
+        "step": {"seconds": step_times[1:], "first_seconds": step_times[0], "median_s": measured_step_s,
+                 "tokens": opts.seq_len * opts.batch_size, "step_time_used_s": step_s,
+                 "source": "--step-time" if opts.step_time else "measured (same model, eager, this run)"},
+        "save": {"seconds": saves, "median_s": med(saves), "gb_per_s": gb / med(saves)},
+        "disk_write": {"seconds": disk_writes, "median_s": med(disk_writes), "gb_per_s": gb / med(disk_writes)},
+        "load_cold": {"seconds": loads_cold, "gb_per_s": gb / med(loads_cold)},
+        "load_warm": {"seconds": loads_warm, "gb_per_s": gb / med(loads_warm)},
+        "disk_read_cold": {"seconds": reads_cold, "gb_per_s": gb / med(reads_cold)},
+        "disk_read_warm": {"seconds": reads_warm, "gb_per_s": gb / med(reads_warm)},
+        "async": {"blocked_s": blocked, "median_blocked_s": med(blocked), "stall_fraction": med(blocked) / step_s,
+                  "step_during_write_s": step_during, "wait_s": waits, "total_s": totals,
+                  "gb_per_s_end_to_end": gb / med(totals)},
+        "save_fraction_of_disk": (gb / med(saves)) / (gb / med(disk_writes)),
+    }
+
+
+def _targets(r: dict) -> list[str]:
+    def verdict(ok: bool) -> str:
+        return "MET" if ok else "NOT MET"
+
+    frac, stall = r["save_fraction_of_disk"], r["async"]["stall_fraction"]
+    return [
+        f"save throughput: {r['save']['gb_per_s']:.2f} GB/s = {100 * frac:.0f}% of the disk's sequential write "
+        f"({r['disk_write']['gb_per_s']:.2f} GB/s); target >= {100 * TARGET_SAVE_FRACTION:.0f}%: "
+        f"{verdict(frac >= TARGET_SAVE_FRACTION)}",
+        f"async save stall: {r['async']['median_blocked_s']:.3f}s = {100 * stall:.1f}% of a "
+        f"{r['step']['step_time_used_s']:.2f}s training step ({r['step']['source']}); target < "
+        f"{100 * TARGET_STALL_FRACTION:.0f}%: {verdict(stall < TARGET_STALL_FRACTION)}",
+    ]
+
+
+def _print_table(report: dict) -> None:
+    r = report["results"]
+    m = r["model"]
+    print(f"\n{m['name']}: {m['params'] / 1e6:.1f}M parameters, checkpoint {r['checkpoint_bytes'] / 1e9:.2f} GB "
+          f"(model + AdamW moments, fp32); folder on {report['machine']['filesystem']}; "
+          f"{report['machine']['threads']} threads, {report['machine']['cpu']}")
+    rows = [("save (CheckpointManager, sync)", r["save"]), ("disk sequential write + fsync", r["disk_write"]),
+            ("load cold (after fadvise DONTNEED)", r["load_cold"]), ("disk read cold", r["disk_read_cold"]),
+            ("load warm (page cache)", r["load_warm"]), ("disk read warm (page cache)", r["disk_read_warm"])]
+    print(f"{'':38s} {'GB/s':>7s} {'median s':>9s}  runs (s)")
+    for label, row in rows:
+        secs = row["seconds"]
+        print(f"{label:38s} {row['gb_per_s']:7.2f} {statistics.median(secs):9.2f}  "
+              + " ".join(f"{s:.2f}" for s in secs))
+    a, s = r["async"], r["step"]
+    print(f"train step ({s['tokens']} tokens, eager): median {s['median_s']:.2f}s of "
+          + " ".join(f"{x:.2f}" for x in s["seconds"]) + f" (first, with AdamW state creation: {s['first_seconds']:.2f}s)")
+    print(f"async save: blocked {' '.join(f'{x:.3f}' for x in a['blocked_s'])}s; step during the background write "
+          f"{' '.join(f'{x:.2f}' for x in a['step_during_write_s'])}s; wait() {' '.join(f'{x:.2f}' for x in a['wait_s'])}s; "
+          f"end to end {a['gb_per_s_end_to_end']:.2f} GB/s")
+    print("page cache: 'cold' figures follow posix_fadvise(DONTNEED) per file; if they exceed what the disk can do, "
+          "the kernel kept pages and they are warm reads in disguise.")
+    for line in report["verdicts"]:
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--params-billion", type=float, default=0.3,
+                   help="size of the default Llama-shaped model (default 0.3: ~3.6 GB of checkpoint)")
+    p.add_argument("--model", default=None, help="a registry model instead of --params-billion")
+    p.add_argument("--folder", type=Path, default=None,
+                   help="where to write (default: a temporary folder under outputs/, removed afterwards)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--quick", action="store_true", help="the 'debug' model, one repeat: a smoke test")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, help="timed train steps (after one warm-up step)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--step-time", type=float, default=None,
+                   help="seconds per training step to judge the async stall against (default: measured)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.model, a.repeats, a.steps, a.seq_len = a.model or "debug", 1, 1, 128
+    command = "python " + " ".join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
+    own_folder = a.folder is None
+    if own_folder:
+        (REPO / "outputs").mkdir(exist_ok=True)
+        a.folder = Path(tempfile.mkdtemp(prefix="bench-checkpoint-", dir=REPO / "outputs"))
+    a.folder.mkdir(parents=True, exist_ok=True)
+    try:
+        started = time.perf_counter()
+        results = run(a)
+        wall = time.perf_counter() - started
+        filesystem = _filesystem(a.folder)
+    finally:
+        if own_folder:
+            shutil.rmtree(a.folder, ignore_errors=True)
+    import torch
+
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "threads": results["threads"],
+                    "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+                    "filesystem": filesystem, "python": platform.python_version(), "torch": torch.__version__},
+        "options": {"repeats": a.repeats, "steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size,
+                    "params_billion": None if a.model else a.params_billion, "model": a.model,
+                    "step_time": a.step_time, "folder": "temporary under outputs/" if own_folder else str(a.folder)},
+        "targets": {"save_fraction_of_disk_write": TARGET_SAVE_FRACTION, "async_stall_fraction": TARGET_STALL_FRACTION},
+        "wall_s": wall,
+        "results": results,
+    }
+    report["verdicts"] = _targets(results)
+    _print_table(report)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"results written to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
