@@ -54,12 +54,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+
+from provenance import commit, tree_dirty
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "attention.json"
@@ -67,13 +68,6 @@ BACKENDS = ("torchtrain", "sdpa-flash", "sdpa-cudnn", "flex")
 FLOP_CONVENTION = ("forward = 4*B*Hq*S^2*D, halved when causal; backward = 2.5 x forward "
                    "(FlashAttention papers' convention; matmuls only)")
 SEED = 0
-
-
-def _git(*cmd: str) -> str:
-    try:
-        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -438,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "attention",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "commit": _git("rev-parse", "--short", "HEAD"),
-        "working_tree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "commit": commit(),
+        "working_tree_dirty": tree_dirty(),
         "machine": machine_info(cfg["device"]),
         "smoke": a.smoke,
         "config": {"device": cfg["device"], "dtype": str(cfg["dtype"]).replace("torch.", ""), "causal": True,

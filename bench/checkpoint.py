@@ -57,29 +57,14 @@ from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
+from provenance import commit, cpu_name, tree_dirty
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DEFAULT_OUT = REPO / "bench" / "results" / "checkpoint.json"
 TARGET_SAVE_FRACTION, TARGET_STALL_FRACTION = 0.5, 0.10
 CHUNK = 64 << 20  # bytes per write() / read() of the disk baseline
 SEED = 0
-
-
-def _git(*cmd: str) -> str:
-    try:
-        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _filesystem(path: Path) -> str:
@@ -359,9 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "commit": _git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "threads": results["threads"],
+        "commit": commit(),
+        "dirty": tree_dirty(),
+        "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "threads": results["threads"],
                     "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
                     "filesystem": filesystem, "python": platform.python_version(), "torch": torch.__version__},
         "options": {"repeats": a.repeats, "steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size,

@@ -66,6 +66,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from provenance import commit, cpu_name, tree_dirty
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "cpu_train.json"
 VARIANTS = {
@@ -328,23 +330,6 @@ def _shared_weights(model_name: str, directory: Path) -> tuple[Path, dict]:
     return path, config
 
 
-def _git(*cmd: str) -> str:
-    try:
-        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _summarise(runs: list[dict], warmup: int, tokens_per_step: int, flops_per_token: int,
                matmul_gflops: float) -> dict:
     timed = [{key: r[key][warmup:] for key in ("seconds", "cpu_seconds", "page_faults")} for r in runs]
@@ -544,9 +529,9 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "cpu_train",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "commit": _git("rev-parse", "--short", "HEAD"),
-        "working_tree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "threads": matmul_runs[0]["threads"],
+        "commit": commit(),
+        "working_tree_dirty": tree_dirty(),
+        "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "threads": matmul_runs[0]["threads"],
                     "torch": torch.__version__, "python": platform.python_version(),
                     "transformers": next((r["transformers"] for v in runs.values() for r in v if "transformers" in r),
                                          None)},

@@ -45,10 +45,11 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from torchtrain.models.hf import _PER_LAYER, _TOP_LEVEL, hf_config, model_args_from_hf_config, to_hf_state_dict
 from torchtrain.models.llama import ModelArgs, Transformer
+from torchtrain.parallel.init import copy_full_into
 
 logger = logging.getLogger(__name__)
 
@@ -233,19 +234,9 @@ def load_hf_weights(model: nn.Module, folder: str | Path, model_args: ModelArgs)
                     if value.shape != param.shape:
                         raise ValueError(f"{folder}: tensor {key!r} in {file} gives shape {tuple(value.shape)} "
                                          f"for parameter {name!r} of shape {tuple(param.shape)}")
-                    _copy_into(param, value)
+                    copy_full_into(param, value)
                 del tensor
     logger.info("loaded Hugging Face weights from %s (%d file(s), naming scheme %r)", folder, len(plan), scheme)
-
-
-def _copy_into(param: Tensor, full: Tensor) -> None:
-    if isinstance(param, DTensor):
-        local = param.to_local()
-        full = full.to(device=local.device, dtype=local.dtype)
-        shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-        local.copy_(shard.to_local())
-    else:
-        param.copy_(full.to(device=param.device, dtype=param.dtype))
 
 
 # ---------------------------------------------------------------------------------------

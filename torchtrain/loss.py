@@ -215,12 +215,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        hidden_dtype, weight_dtype = ctx.dtypes
+        grad_h, grad_w = _scaled_gradients(ctx, grad_out)
         if grad_h is not None:
-            grad_h = (grad_h * grad_out).to(hidden_dtype).view(ctx.hidden_shape)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_out).to(weight_dtype)
+            grad_h = grad_h.view(ctx.hidden_shape)
         return grad_h, grad_w, None, None, None
 
 
@@ -361,10 +358,19 @@ class _VocabParallelLinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        hidden_dtype, weight_dtype = ctx.dtypes
-        if grad_h is not None:
-            grad_h = (grad_h * grad_out).to(hidden_dtype)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_out).to(weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        return *_scaled_gradients(ctx, grad_out), None, None, None, None, None
+
+
+def _scaled_gradients(ctx, grad_out: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The (hidden, weight) gradients computed in the forward, times the loss's incoming gradient.
+
+    The loss is a sum, so its gradient is linear in that scalar: the backward of both linear +
+    cross-entropy functions is this scaling and a cast back to the inputs' dtypes.
+    """
+    grad_h, grad_w = ctx.saved_tensors
+    hidden_dtype, weight_dtype = ctx.dtypes
+    if grad_h is not None:
+        grad_h = (grad_h * grad_out).to(hidden_dtype)
+    if grad_w is not None:
+        grad_w = (grad_w * grad_out).to(weight_dtype)
+    return grad_h, grad_w

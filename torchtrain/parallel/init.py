@@ -39,7 +39,17 @@ def full_parameters(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         for owner, name, param in swapped:
-            full = owner._parameters[name]
-            shard = distribute_tensor(full.detach(), param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(shard.to_local())
+            copy_full_into(param, owner._parameters[name].detach())
             owner._parameters[name] = param
+
+
+@torch.no_grad()
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the full-size ``full`` into ``param``, converted to its device and dtype; a sharded
+    (DTensor) parameter keeps this rank's shard, cut locally (every rank holds the same ``full``)."""
+    if isinstance(param, DTensor):
+        local = param.to_local()
+        full = full.to(device=local.device, dtype=local.dtype)
+        local.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())
+    else:
+        param.copy_(full.to(device=param.device, dtype=param.dtype))
