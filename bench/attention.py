@@ -112,7 +112,6 @@ def settings(a: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def make_backend(name: str, gqa: bool, seq_len: int, device: str):
-    import torch
     import torch.nn.functional as F
 
     if name == "torchtrain":

@@ -28,8 +28,10 @@ and 2 cores; the async save also stages a full copy of the state in memory).
   ``DONTNEED`` is a request the kernel may partly ignore (pages still mapped or dirty stay), and the
   storage under a virtual disk may have its own cache: a "cold" read far above the disk's write speed
   betrays either, so treat cold figures as an upper bound of a truly cold read.
-* async stall: ``CheckpointManager(async_mode="async").save()`` returns once the state is staged
-  (copied to CPU memory); ``last_blocked_s`` is how long it held the training loop. It is compared
+* async stall: ``CheckpointManager(async_mode="async").save()`` starts copying the state to CPU
+  memory ("staging") and writing it, both in the background, and returns; the next step's optimizer
+  step waits for the copy to finish. ``last_blocked_s`` is how long the two held the training loop
+  (the save call plus that wait), read after the next step. It is compared
   with the time of one training step of the SAME model measured in this run (median of
   ``--steps`` eager steps of ``--batch-size`` x ``--seq-len`` tokens after one warm-up step); the
   target is a stall < 10% of a step. ``--step-time`` replaces the measured step time (say where it
@@ -180,7 +182,8 @@ def build(opts: argparse.Namespace):
         counter.step += 1
         return time.perf_counter() - started
 
-    return {"args": args, "name": name, "state": state, "step": step, "record": model_record(name, args),
+    return {"args": args, "name": name, "state": state, "step": step, "optimizer": optimizer,
+            "record": model_record(name, args),
             "params": args.num_params(exclude_embedding=False), "threads": torch.get_num_threads()}
 
 
@@ -228,13 +231,14 @@ def run(opts: argparse.Namespace) -> dict:
     disk_file.unlink(missing_ok=True)
     shutil.rmtree(last)
 
-    asy = CheckpointManager(folder / "async", keep_last=1, async_mode="async", model_record=built["record"])
+    asy = CheckpointManager(folder / "async", keep_last=1, async_mode="async", model_record=built["record"],
+                            optimizer=built["optimizer"])
     blocked, step_during, waits, totals = [], [], [], []
     for i in range(opts.repeats):
         started = time.perf_counter()
         asy.save(100 + i, state)
+        step_during.append(step())  # its optimizer step waits for the staging copy, if still running
         blocked.append(asy.last_blocked_s)
-        step_during.append(step())
         waited = time.perf_counter()
         asy.wait()
         waits.append(time.perf_counter() - waited)

@@ -51,11 +51,13 @@ TOL = {  # (forward atol, backward atol); rtol alike
 }
 
 
-def _inputs(batch, q_heads, kv_heads, seq, dim, dtype, seed=0):
+def _inputs(batch, q_heads, kv_heads, seq, dim, dtype, seed=0, kv_seq=None):
+    """q/dout/dlse of ``seq`` queries and k/v of ``kv_seq`` keys (default ``seq``)."""
     gen = torch.Generator().manual_seed(seed)
+    kv_seq = seq if kv_seq is None else kv_seq
     q = torch.randn(batch, q_heads, seq, dim, generator=gen)
-    k = torch.randn(batch, kv_heads, seq, dim, generator=gen)
-    v = torch.randn(batch, kv_heads, seq, dim, generator=gen)
+    k = torch.randn(batch, kv_heads, kv_seq, dim, generator=gen)
+    v = torch.randn(batch, kv_heads, kv_seq, dim, generator=gen)
     dout = torch.randn(batch, q_heads, seq, dim, generator=gen)
     dlse = torch.randn(batch, q_heads, seq, generator=gen)
     return [t.to(dtype) for t in (q, k, v, dout)] + [dlse]
@@ -68,17 +70,19 @@ def _packed_ids(batch, lengths_per_row):
     return torch.stack(rows)[:batch]
 
 
-def _check_against_fp64(q, k, v, dout, dlse, *, causal, document_ids=None, window=0, scale=None):
+def _check_against_fp64(q, k, v, dout, dlse, *, causal, document_ids=None, kv_document_ids=None, window=0,
+                        scale=None):
     """Forward out/lse and dq/dk/dv (through a loss on both out and lse) against fp64."""
     fwd_tol, bwd_tol = TOL[q.dtype]
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = flash_attention(*leaves, causal=causal, document_ids=document_ids, window=window, scale=scale)
+    out, lse = flash_attention(*leaves, causal=causal, document_ids=document_ids, kv_document_ids=kv_document_ids,
+                               window=window, scale=scale)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     ((out.float() * dout.float()).sum() + (torch.nan_to_num(lse, neginf=0.0) * dlse).sum()).backward()
 
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = reference_attention(*ref_leaves, causal=causal, document_ids=document_ids, window=window,
-                                           scale=scale)
+    ref_out, ref_lse = reference_attention(*ref_leaves, causal=causal, document_ids=document_ids,
+                                           kv_document_ids=kv_document_ids, window=window, scale=scale)
     ((ref_out * dout.double()).sum() + (torch.nan_to_num(ref_lse, neginf=0.0) * dlse.double()).sum()).backward()
 
     torch.testing.assert_close(out.double(), ref_out, atol=fwd_tol, rtol=fwd_tol)
@@ -116,6 +120,70 @@ def test_matches_fp64_reference(case):
     q, k, v, dout, dlse = _inputs(batch, q_heads, kv_heads, seq, dim, dtype)
     document_ids = None if docs is None else _packed_ids(batch, docs)
     _check_against_fp64(q, k, v, dout, dlse, causal=causal, document_ids=document_ids, window=window)
+
+
+# Fewer queries than keys (bottom-right aligned: query i sits at key position i + Skv - Sq), with
+# the queries' and keys' document ids given separately, as context parallelism calls the op: one
+# chunk of queries against the all-gathered keys up to the end of that chunk.
+# (dtype, q_heads, kv_heads, q_len, kv_len, dim, causal, docs over the keys, window)
+SHORT_QUERY_CASES = {
+    "fp32-causal-gqa2-tail": (torch.float32, 4, 2, 21, 77, 16, True, None, 0),
+    "fp32-causal-docs": (torch.float32, 2, 1, 32, 96, 16, True, [[10, 40, 1, 45]], 0),
+    "fp16-causal-docs-gqa2": (torch.float16, 4, 2, 40, 120, 32, True, [[70, 1, 49]], 0),
+    "fp32-full-docs": (torch.float32, 2, 2, 30, 64, 16, False, [[20, 30, 14]], 0),
+    "fp32-causal-window": (torch.float32, 2, 1, 33, 100, 16, True, None, 12),
+}
+
+
+@in_process
+@pytest.mark.parametrize("case", list(SHORT_QUERY_CASES), ids=list(SHORT_QUERY_CASES))
+def test_fewer_queries_than_keys_match_fp64_reference(case):
+    dtype, q_heads, kv_heads, q_len, kv_len, dim, causal, docs, window = SHORT_QUERY_CASES[case]
+    q, k, v, dout, dlse = _inputs(1, q_heads, kv_heads, q_len, dim, dtype, seed=9, kv_seq=kv_len)
+    kv_document_ids = None if docs is None else _packed_ids(1, docs)
+    document_ids = None if docs is None else kv_document_ids[:, kv_len - q_len:]
+    _check_against_fp64(q, k, v, dout, dlse, causal=causal, document_ids=document_ids,
+                        kv_document_ids=kv_document_ids, window=window)
+
+
+def test_fewer_queries_than_keys_are_the_last_rows_of_the_square_case():
+    # The convention itself, on the oracle: Sq queries against Skv keys give the last Sq rows of the
+    # square attention over all Skv positions; the backward formula agrees with autograd there.
+    q, k, v, dout, dlse = (t.double() for t in _inputs(1, 4, 2, 48, 16, torch.float32, seed=10))
+    document_ids = _packed_ids(1, [[17, 1, 30]])
+    start = 29
+    for causal, window in ((True, 0), (True, 7), (False, 0)):
+        full_out, full_lse = reference_attention(q, k, v, causal=causal, document_ids=document_ids, window=window)
+        leaves = [q[:, :, start:].clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_()]
+        masks = dict(causal=causal, document_ids=document_ids[:, start:], kv_document_ids=document_ids, window=window)
+        out, lse = reference_attention(*leaves, **masks)
+        torch.testing.assert_close(out, full_out[:, :, start:])
+        torch.testing.assert_close(lse, full_lse[:, :, start:])
+        ((out * dout[:, :, start:]).sum() + (lse * dlse[:, :, start:]).sum()).backward()
+        grads = reference_attention_backward(dout[:, :, start:], dlse[:, :, start:], q[:, :, start:], k, v,
+                                             out.detach(), lse.detach(), **masks)
+        for got, leaf in zip(grads, leaves):
+            torch.testing.assert_close(got, leaf.grad)
+
+
+def test_distinct_query_and_key_document_ids():
+    q, k, v, _, _ = _inputs(1, 2, 1, 8, 16, torch.float64, seed=11, kv_seq=8)
+    query_docs = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3]])
+    key_docs = torch.tensor([[1, 1, 1, 1, 2, 2, 2, 2]])
+    out, lse = reference_attention(q, k, v, causal=False, document_ids=query_docs, kv_document_ids=key_docs)
+    # Queries of documents 0 and 3 find no key of theirs: out 0, lse -inf; the others see exactly theirs.
+    assert (out[:, :, [0, 1, 6, 7]] == 0).all() and torch.isneginf(lse[:, :, [0, 1, 6, 7]]).all()
+    expected, _ = reference_attention(q[:, :, 2:4], k[:, :, :4], v[:, :, :4], causal=False)
+    torch.testing.assert_close(out[:, :, 2:4], expected)
+
+
+def test_document_ids_alone_need_as_many_queries_as_keys():
+    q, k, v, _, _ = _inputs(1, 2, 1, 8, 16, torch.float32, seed=12, kv_seq=16)
+    with pytest.raises(ValueError, match="kv_document_ids"):
+        flash_attention(q, k, v, document_ids=torch.zeros(1, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"kv_document_ids must be an int tensor \[B, S\] = \(1, 16\)"):
+        flash_attention(q, k, v, document_ids=torch.zeros(1, 8, dtype=torch.int32),
+                        kv_document_ids=torch.zeros(1, 8, dtype=torch.int32))
 
 
 @in_process
@@ -174,12 +242,17 @@ def test_opcheck():
     q, k, v, dout, dlse = _inputs(1, 2, 1, 40, 16, torch.float32, seed=6)
     document_ids = _packed_ids(1, [[12, 1, 27]])
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(torch.ops.torchtrain.flash_attention.default, (q, k, v, document_ids, True, 0, 0.25))
-    torch.library.opcheck(torch.ops.torchtrain.flash_attention.default, (q, k, v, None, False, 5, 0.25))
+    torch.library.opcheck(torch.ops.torchtrain.flash_attention.default,
+                          (q, k, v, document_ids, None, True, 0, 0.25))
+    torch.library.opcheck(torch.ops.torchtrain.flash_attention.default, (q, k, v, None, None, False, 5, 0.25))
     out, lse = flash_attention(q, k, v, causal=True)
     torch.library.opcheck(torch.ops.torchtrain.flash_attention_backward.default,
-                          (dout, dlse, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, True, 0,
-                           0.25))
+                          (dout, dlse, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, None, True,
+                           0, 0.25))
+    # Fewer queries than keys, with their own document ids (what context parallelism calls).
+    q_tail = q[:, :, 24:].detach().clone().requires_grad_()
+    torch.library.opcheck(torch.ops.torchtrain.flash_attention.default,
+                          (q_tail, k, v, document_ids[:, 24:], document_ids, True, 0, 0.25))
 
 
 @in_process
@@ -230,3 +303,17 @@ def test_debug_model_trains_the_same_with_triton_and_reference():
     assert runs["triton"][0][-1] < runs["triton"][0][0]  # it trains
     for name, p in runs["triton"][1].items():
         torch.testing.assert_close(p, runs["reference"][1][name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference", "triton"])
+def test_every_model_backend_takes_fewer_queries_and_key_document_ids(backend):
+    # The model-facing attention(): SDPA needs an explicit bottom-right causal / document mask here.
+    from torchtrain.models.attention import attention
+
+    q, k, v, _, _ = _inputs(2, 4, 2, 24, 16, torch.float32, seed=13, kv_seq=64)
+    kv_document_ids = _packed_ids(2, [[30, 1, 33], [64]])
+    for docs in (None, kv_document_ids):
+        masks = {} if docs is None else {"document_ids": docs[:, 40:], "kv_document_ids": docs}
+        got = attention(q, k, v, backend=backend, causal=True, **masks)
+        expected, _ = reference_attention(q.double(), k.double(), v.double(), causal=True, **masks)
+        torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -103,7 +102,9 @@ def test_async_save_is_complete_resumable_and_equals_sync(tmp_path):
     for step in (2, 4, 6, 8):
         assert {".metadata", "torchtrain.json"} <= {p.name for p in (folder / f"step-{step:08d}").iterdir()}
     log = (tmp_path / "async/train.log").read_text()
-    assert "checkpoint step 2: writing in the background; save() blocked training for" in log
+    assert "checkpoint step 2: staging and writing in the background; save() blocked training for" in log
+    # The optimizer step after a save waits for the copy; the resume below shows the copy was of the saved step.
+    assert "for the state to be staged; this save blocked training for" in log
     assert "checkpoint step 8: background write committed" in log
 
     # Resume the async run from its step-4 checkpoint: the same losses as the sync run.

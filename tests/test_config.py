@@ -117,3 +117,21 @@ def test_resolved_config_round_trips(tmp_path):
     saved.write_text(config.to_toml())
     again = load_config(saved)
     assert again.to_dict() == config.to_dict()
+
+
+def test_longer_context_than_the_model_needs_model_max_seq_len():
+    import torch
+
+    from torchtrain.train import model_args_for
+
+    recipe = Path(__file__).parent.parent / "recipes/debug.toml"
+    with pytest.raises(ConfigError, match=r"training.seq_len = 4096 is invalid; model 'debug' supports at most 2048 "
+                                          r"tokens; to train longer sequences set model.max_seq_len"):
+        load_config(recipe, ["--training.seq_len", "4096"])
+    with pytest.raises(ConfigError, match=r"model.max_seq_len = 3000 is invalid; it must be 0 .* or at least "
+                                          r"training.seq_len \(4096\)"):
+        load_config(recipe, ["--training.seq_len", "4096", "--model.max_seq_len", "3000"])
+    config = load_config(recipe, ["--training.seq_len", "4096", "--model.max_seq_len", "8192",
+                                  "--model.rope_theta", "500000"])
+    args = model_args_for(config, torch.device("cpu"))
+    assert (args.max_seq_len, args.rope_theta) == (8192, 500000.0)

@@ -247,7 +247,8 @@ def test_errors_name_folder_key_and_shapes(tmp_path):
 
 
 def test_initial_load_path_and_export_cli(tmp_path):
-    """train() starts from an exported folder, and the export CLI turns its checkpoint back into that model."""
+    """train() starts from an exported folder, with the model's shape from its config.json (model.name "hf"),
+    and the export CLI turns its checkpoint back into that model."""
     from torchtrain.train import attention_inputs, build_data, train
 
     args = get_model_args("debug")
@@ -257,7 +258,7 @@ def test_initial_load_path_and_export_cli(tmp_path):
     # lr 1e-30: the one optimizer step leaves the weights unchanged in fp32, so the checkpoint holds `start`.
     overrides = tiny(tmp_path / "run", "--training.steps", "1", "--lr_scheduler.warmup_steps", "0",
                      "--optimizer.lr", "1e-30", "--training.val_every", "0", "--metrics.tensorboard", "false",
-                     "--checkpoint.initial_load_path", str(tmp_path / "start"))
+                     "--checkpoint.initial_load_path", str(tmp_path / "start"), "--model.name", "hf")
     config = load_config(REPO / "recipes/debug.toml", overrides)
     result = train(config)
     train_loader, _ = build_data(config, args, 0, 1)
@@ -278,3 +279,56 @@ def test_initial_load_path_and_export_cli(tmp_path):
         torch.testing.assert_close(hf_model(tokens).logits, start(tokens), atol=ATOL, rtol=0)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert hf_tok.decode(hf_tok("def f(x):\n    return x")["input_ids"]) == "def f(x):\n    return x"
+
+
+def test_hf_model_name_needs_a_readable_config_json(tmp_path):
+    from torchtrain.config import ConfigError
+    from torchtrain.train import model_args_for
+
+    recipe = REPO / "recipes/debug.toml"
+    with pytest.raises(ConfigError, match=r"model.name = 'hf' is invalid; 'hf' takes the model's shape from the "
+                                          r"config.json of checkpoint.initial_load_path"):
+        load_config(recipe, ["--model.name", "hf"])
+    with pytest.raises(ConfigError, match=r"checkpoint.initial_load_path = '.*nothing' is invalid; its config.json "
+                                          r"gives no model shape: .*nothing has no config.json"):
+        load_config(recipe, ["--model.name", "hf", "--checkpoint.initial_load_path", str(tmp_path / "nothing")])
+    args = dataclasses.replace(get_model_args("debug"), max_seq_len=128)
+    export_hf(_ours(args).state_dict(), args, tmp_path / "hf", "llama")
+    config = load_config(recipe, ["--model.name", "hf", "--checkpoint.initial_load_path", str(tmp_path / "hf"),
+                                  "--training.seq_len", "256"])
+    got = model_args_for(config, torch.device("cpu"))
+    # The shape of config.json; the RoPE table stretched to the (longer) training context.
+    assert got == dataclasses.replace(args, max_seq_len=256, attention="sdpa")
+
+
+# name: (processes, samples per data-parallel rank for the single run's global batch of 4, recipe overrides)
+SHARDED_LAYOUTS = {
+    "fsdp2_tp2": (4, 2, ["--parallelism.dp_shard", "2", "--parallelism.tp", "2"]),
+    "pp2": (2, 4, ["--parallelism.pp", "2", "--parallelism.dp_shard", "1"]),
+}
+
+
+@pytest.mark.parametrize("name", SHARDED_LAYOUTS)
+def test_import_into_sharded_layouts_trains_like_one_process(tmp_path, name):
+    """Each rank fills only its shards (FSDP x TP DTensors) or its stage's blocks (PP) from a sharded HF folder:
+    the losses and gradient norms of the first steps equal the single-process run's."""
+    from launcher import torchrun
+
+    args = get_model_args("debug")
+    export_hf(_ours(args, seed=123).state_dict(), args, tmp_path / "start", "llama", max_shard_bytes=2 * 2**20)
+    assert len(set(hf_weight_files(tmp_path / "start").values())) > 2  # several shard files behind an index
+
+    def losses(run: str, nproc: int, local_batch_size: int, *layout: str) -> dict:
+        out = tmp_path / f"{run}.json"
+        torchrun(nproc, REPO / "tests/workers/train_losses.py", "--out", out, "--config", REPO / "recipes/debug.toml",
+                 *tiny(tmp_path / run, "--training.steps", "3", "--training.val_every", "0",
+                       "--checkpoint.enabled", "false", "--metrics.tensorboard", "false",
+                       "--training.local_batch_size", str(local_batch_size), "--model.name", "hf",
+                       "--checkpoint.initial_load_path", str(tmp_path / "start"), *layout))
+        return json.loads(out.read_text())
+
+    single = losses("single", 1, 4, "--parallelism.dp_shard", "1")
+    sharded = losses(name, *SHARDED_LAYOUTS[name][:2], *SHARDED_LAYOUTS[name][2])
+    for step in single["losses"]:
+        assert sharded["losses"][step] == pytest.approx(single["losses"][step], rel=2e-5), step
+        assert sharded["grad_norms"][step] == pytest.approx(single["grad_norms"][step], rel=5e-4), step

@@ -58,6 +58,9 @@ LAYOUTS = {
     "fsdp2_tp2": (4, 2, ["--parallelism.tp", "2", "--parallelism.dp_shard", "2"]),
     "pp2_fsdp2": (4, 2, ["--parallelism.pp", "2", "--parallelism.dp_shard", "2"]),
     "pp2_tp2_fsdp2": (8, 2, ["--parallelism.pp", "2", "--parallelism.tp", "2", "--parallelism.dp_shard", "2"]),
+    # Context parallel: each rank holds a load-balanced half of every sequence; FSDP over dp_shard x cp.
+    "cp2_fsdp2": (4, 2, ["--parallelism.cp", "2", "--parallelism.dp_shard", "2"]),
+    "pp2_cp2": (4, 1, ["--parallelism.pp", "2", "--parallelism.cp", "2", "--parallelism.dp_shard", "1"]),
 }
 
 

@@ -27,11 +27,6 @@ def test_sizes_must_multiply_to_the_world_size():
         ParallelDims.resolve(Parallelism(dp_replicate=3), world_size=8)
 
 
-def test_dimensions_not_yet_available_are_named():
-    with pytest.raises(ConfigError, match=r"\{'cp': 2\} is not available.*pp, dp_replicate, dp_shard, tp"):
-        ParallelDims.resolve(Parallelism(cp=2), world_size=2)
-
-
 def _layout(world_size: int, **settings) -> None:
     """Resolve and check a layout of the debug model (8 heads, 2 KV heads, 4 blocks, FFN 704)."""
     training = {k: settings.pop(k) for k in ("seq_len", "local_batch_size") if k in settings}

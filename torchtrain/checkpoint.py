@@ -15,8 +15,9 @@ before the rename): the model name and the ModelArgs fields that set tensor shap
 compares it with the recipe and raises ConfigError listing every differing field before DCP reads
 anything; the parallel layout is not recorded, since DCP reshards. DCP's own ``.metadata`` is a
 pickle: it is read through :class:`SafeFileSystemReader`, an allow-list unpickler (see there for
-what is and is not guarded). ``async_mode = "async"`` writes with ``dcp.async_save`` and commits
-the previous save at the start of the next one and at the end of training.
+what is and is not guarded). ``async_mode = "async"`` copies and writes with ``dcp.async_save`` in
+the background, holds the next optimizer step until the copy is done, and commits the previous save
+at the start of the next one and at the end of training.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -107,13 +109,17 @@ class CheckpointManager:
 
     ``model_record`` (see :func:`model_record`) is written next to every checkpoint and compared on
     load, so a checkpoint of another model is refused with the differing fields before any DCP read.
-    With ``async_mode="async"`` the write runs in a background thread (``dcp.async_save``, on a
-    gloo group of its own) and is committed (barrier, then rename) at the start of the next save or
-    by :meth:`wait` / :meth:`close`; the training loop only stalls for the copy of the state to CPU.
+    With ``async_mode="async"`` both the copy of the state to CPU memory ("staging") and the write
+    run in background threads (``dcp.async_save`` with a :class:`DefaultStager`, on a gloo group of
+    its own); the write is committed (barrier, then rename) at the start of the next save or by
+    :meth:`wait` / :meth:`close`. The state must not change until it is staged: give the
+    ``optimizer`` and its ``step`` waits for the copy (the forward and backward in between never
+    write parameters or optimizer state, so the copy overlaps them). ``last_blocked_s`` is what the
+    save held the training loop: the ``save`` call plus that wait.
     """
 
     def __init__(self, folder: Path, keep_last: int, async_mode: str = "disabled",
-                 model_record: dict[str, Any] | None = None):
+                 model_record: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None):
         if async_mode not in ("disabled", "async"):
             raise ValueError(f"async_mode must be 'disabled' or 'async', not {async_mode!r}")
         self.folder = Path(folder)
@@ -123,9 +129,21 @@ class CheckpointManager:
         self.is_rank0 = dist.get_rank() == 0
         self.last_blocked_s = 0.0  # how long the last save() held up the training loop
         self._pending: tuple[Future, int, Path, Path] | None = None
-        # Background saves run collectives from another thread: give them a group of their own so
-        # they never interleave with the training loop's collectives on the default group.
-        self._async_group = dist.new_group(backend="gloo") if async_mode == "async" else None
+        self._staging: Future | None = None  # the background copy of the state, until it is done
+        self._async_group = self._stager = None
+        if async_mode == "async":
+            # Background saves run collectives from another thread: give them a group of their own so
+            # they never interleave with the training loop's collectives on the default group.
+            self._async_group = dist.new_group(backend="gloo")
+            # NOTE: one stager for the whole run: it keeps its CPU buffers (pinned on CUDA, for fast
+            # non-blocking device-to-host copies on a side stream) from one save to the next instead
+            # of allocating the size of the state again at every save.
+            on_accelerator = torch.accelerator.is_available()
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=on_accelerator, use_shared_memory=False,
+                                                        use_async_staging=True,
+                                                        use_non_blocking_copy=on_accelerator))
+            if optimizer is not None:
+                optimizer.register_step_pre_hook(lambda *_: self._await_staging())
         if self.is_rank0:
             self.folder.mkdir(parents=True, exist_ok=True)
             # Hidden ".step-*" folders are saves or deletions that a crash or kill interrupted.
@@ -136,10 +154,7 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """Complete checkpoints, oldest first."""
-        if not self.folder.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _COMPLETE.match(p.name))]
-        return sorted(found)
+        return complete_checkpoints(self.folder)
 
     def latest(self) -> tuple[int, Path] | None:
         found = self.checkpoints()
@@ -152,11 +167,13 @@ class CheckpointManager:
         partial = self.folder / f".step-{step:08d}{_PARTIAL_SUFFIX}"
         started = time.perf_counter()
         if self.async_mode == "async":
-            future = dcp.async_save(state, storage_writer=FileSystemWriter(partial), process_group=self._async_group)
-            self._pending = (future, step, partial, final)
+            response = dcp.async_save(state, storage_writer=FileSystemWriter(partial), process_group=self._async_group,
+                                      async_stager=self._stager)
+            self._staging = response.staging_completion
+            self._pending = (response.upload_completion, step, partial, final)
             self.last_blocked_s = time.perf_counter() - started
-            logger.info("checkpoint step %d: writing in the background; save() blocked training for %.3fs",
-                        step, self.last_blocked_s)
+            logger.info("checkpoint step %d: staging and writing in the background; save() blocked training for "
+                        "%.3fs", step, self.last_blocked_s)
         else:
             dcp.save(state, storage_writer=FileSystemWriter(partial))
             self._commit(step, partial, final)
@@ -164,8 +181,21 @@ class CheckpointManager:
             logger.info("checkpoint step %d: save() blocked training for %.3fs", step, self.last_blocked_s)
         return final
 
+    def _await_staging(self) -> None:
+        """Block until the in-flight save has copied the state (before anything may change it)."""
+        if self._staging is None:
+            return
+        started = time.perf_counter()
+        self._staging.result()
+        self._staging = None
+        waited = time.perf_counter() - started
+        self.last_blocked_s += waited
+        logger.info("checkpoint: waited %.3fs for the state to be staged; this save blocked training for %.3fs "
+                    "in all", waited, self.last_blocked_s)
+
     def wait(self) -> None:
         """Finish and commit a background save, if one is in flight (a no-op for synchronous saves)."""
+        self._await_staging()
         if self._pending is None:
             return
         future, step, partial, final = self._pending
@@ -179,6 +209,9 @@ class CheckpointManager:
     def close(self) -> None:
         """Commit any background save; call at the end of training on every rank."""
         self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def _commit(self, step: int, partial: Path, final: Path) -> None:
         dist.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
@@ -238,6 +271,20 @@ class CheckpointManager:
             doomed = old.with_name(f".{old.name}.deleting")
             os.rename(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
+
+
+def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in ``folder``, oldest first (partial saves are not listed)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _COMPLETE.match(p.name)))
+
+
+def saved_model_name(checkpoint: Path) -> str | None:
+    """The model name recorded in a checkpoint's ``torchtrain.json``, or None if it has none."""
+    record = Path(checkpoint) / _RECORD
+    return json.loads(record.read_text())["model"]["name"] if record.is_file() else None
 
 
 def model_record(name: str, args: Any) -> dict[str, Any]:

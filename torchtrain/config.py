@@ -32,10 +32,16 @@ class Job:
 
 @dataclass
 class Model:
-    name: str = "debug"  # a named size from torchtrain.models.registry
+    # A named size from torchtrain.models.registry, or "hf": the shape in the config.json of
+    # checkpoint.initial_load_path (the Hugging Face model the run starts from).
+    name: str = "debug"
     # Attention backend: "triton" (our kernels), "sdpa" (PyTorch's), "reference" (plain PyTorch,
     # the test oracle), or "auto": triton on CUDA, sdpa elsewhere.
     attention: str = "auto"
+    # Longest sequence the RoPE table covers; 0: the model's own (its released context). Raise it to
+    # continue pre-training at a longer context than the release's, usually with a larger rope_theta.
+    max_seq_len: int = 0
+    rope_theta: float = 0.0  # RoPE base; 0: the model's own
 
 
 @dataclass
@@ -114,7 +120,13 @@ class Parallelism:
     dp_shard: int = -1  # sharded data-parallel degree (FSDP); -1 = whatever the others leave
     tp: int = 1  # tensor parallel, with sequence parallel and loss parallel (must divide the head counts)
     pp: int = 1  # pipeline parallel ranks; each holds pp_stages_per_rank stages of consecutive blocks
-    cp: int = 1  # context parallel
+    # Context parallel ranks: each sequence is split across them (load-balanced causal chunks) and
+    # attention gathers the keys/values of the others; the sequence length must be divisible by 2 * cp
+    # (2 * cp * tp with tensor parallelism). See docs/parallelism.md.
+    cp: int = 1
+    # How context parallel attention gets the other ranks' keys/values: "allgather" (one all-gather
+    # of K/V per block, gradients reduce-scattered; the only method so far).
+    cp_rotate: str = "allgather"
     # What FSDP does with a block's gathered parameters after its forward. "always" frees them and
     # gathers again for the backward: parameters, gradients and optimizer state all sharded, like
     # DeepSpeed ZeRO-3. "never" keeps them until the backward: one all-gather less per block, the
@@ -131,7 +143,41 @@ class Parallelism:
 
 @dataclass
 class ActivationCheckpoint:
-    mode: str = "none"  # "none" or "full" (recompute every block in the backward)
+    """Which blocks recompute their activations in the backward (see torchtrain/parallel/ac.py)."""
+
+    # "none"; "full": every block keeps only its input and reruns its forward in the backward;
+    # "selective": every block keeps its matmul, attention and collective outputs and recomputes only
+    # element-wise work; "layers": num_layers blocks are fully checkpointed, the others keep everything.
+    mode: str = "none"
+    # "layers" only: how many of the model's blocks to checkpoint, 0 .. model layers. They are spread
+    # evenly over the depth by block index (one in the middle of each of num_layers equal runs: k = L/2
+    # picks the odd blocks) so that each pipeline stage checkpoints its share, the same blocks the whole
+    # model would, and stages stay balanced in memory and recompute.
+    num_layers: int = 0
+    # Keep each checkpointed block's input in pinned CPU memory between forward and backward, copied on
+    # a side stream while compute goes on. GPU only; needs a checkpointing mode.
+    offload: bool = False
+
+
+@dataclass
+class Float8:
+    """Float8 matmuls in the blocks' linear layers (torchao); GPUs of compute capability >= 8.9 only."""
+
+    enabled: bool = False
+    # "tensorwise" (one scale per tensor, fastest), "rowwise" (one per row, more accurate) or
+    # "rowwise_with_gw_hp" (rowwise, with the weight gradient in high precision).
+    recipe: str = "tensorwise"
+    # tensorwise only: FSDP all-gathers the weights in float8 (half the bytes of bf16).
+    fsdp_float8_all_gather: bool = True
+
+
+@dataclass
+class Profiling:
+    """Traces and memory snapshots of chosen steps, under job.output_dir/profiling (see torchtrain/profiling.py)."""
+
+    trace_steps: list[int] = field(default_factory=list)  # steps traced by torch.profiler (Perfetto JSON)
+    memory_snapshot_steps: list[int] = field(default_factory=list)  # CUDA memory snapshots after these steps
+    memory_snapshot_on_oom: bool = False  # a CUDA memory snapshot when a step runs out of memory
 
 
 @dataclass
@@ -147,6 +193,8 @@ class Config:
     compile: Compile = field(default_factory=Compile)
     parallelism: Parallelism = field(default_factory=Parallelism)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    float8: Float8 = field(default_factory=Float8)
+    profiling: Profiling = field(default_factory=Profiling)
     source: str = field(default="<defaults>", compare=False)  # the recipe file, for messages
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -161,6 +209,8 @@ class Config:
 
 
 # Choices for string fields; checked by validate() and listed in its messages.
+HF_MODEL = "hf"  # model.name that takes the shape from a Hugging Face config.json
+
 CHOICES = {
     ("model", "attention"): ("auto", "triton", "sdpa", "reference"),
     ("training", "dtype"): ("auto", "bfloat16", "float32"),
@@ -169,10 +219,12 @@ CHOICES = {
     ("optimizer", "fused"): ("auto", "yes", "no"),
     ("lr_scheduler", "name"): ("cosine", "linear", "wsd"),
     ("compile", "backend"): ("inductor", "aot_eager", "eager"),
-    ("activation_checkpoint", "mode"): ("none", "full"),
+    ("activation_checkpoint", "mode"): ("none", "full", "selective", "layers"),
     ("parallelism", "fsdp_reshard_after_forward"): ("default", "always", "never"),
+    ("parallelism", "cp_rotate"): ("allgather",),
     ("parallelism", "pp_schedule"): ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"),
     ("checkpoint", "async_mode"): ("disabled", "async"),
+    ("float8", "recipe"): ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
 }
 
 
@@ -250,13 +302,57 @@ def validate(config: Config) -> None:
 
     from torchtrain.models.registry import MODELS  # registry import is cheap: plain dataclasses
 
-    if config.model.name not in MODELS:
+    for key in ("trace_steps", "memory_snapshot_steps"):
+        if any(step < 1 or step > config.training.steps for step in getattr(config.profiling, key)):
+            fail("profiling", key, f"steps must be between 1 and training.steps ({config.training.steps})")
+    if config.model.max_seq_len < 0 or 0 < config.model.max_seq_len < config.training.seq_len:
+        fail("model", "max_seq_len", f"it must be 0 (the model's own) or at least training.seq_len "
+                                     f"({config.training.seq_len})")
+    if config.model.rope_theta < 0:
+        fail("model", "rope_theta", "it must be 0 (the model's own) or a positive RoPE base")
+    if config.model.name == HF_MODEL:
+        _validate_hf_model(config, fail)
+    elif config.model.name not in MODELS:
         close = difflib.get_close_matches(config.model.name, MODELS, n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        fail("model", "name", f"valid choices: {', '.join(MODELS)}.{hint}")
-    max_seq_len = MODELS[config.model.name].max_seq_len
-    if config.training.seq_len > max_seq_len:
-        fail("training", "seq_len", f"model {config.model.name!r} supports at most {max_seq_len} tokens")
+        fail("model", "name", f"valid choices: {', '.join(MODELS)}, or {HF_MODEL!r} for the shape in "
+                              f"checkpoint.initial_load_path's config.json.{hint}")
+    elif config.training.seq_len > (config.model.max_seq_len or MODELS[config.model.name].max_seq_len):
+        fail("training", "seq_len",
+             f"model {config.model.name!r} supports at most {MODELS[config.model.name].max_seq_len} tokens; "
+             "to train longer sequences set model.max_seq_len (and usually a larger model.rope_theta)")
+    _validate_activation_checkpoint(config, MODELS.get(config.model.name), fail)
+
+
+def _validate_activation_checkpoint(config: "Config", model_args: Any, fail) -> None:
+    """``num_layers`` only with "layers" and within the model's depth; ``offload`` only with checkpointing."""
+    ac = config.activation_checkpoint
+    if ac.num_layers < 0:
+        fail("activation_checkpoint", "num_layers", "it must be zero or positive")
+    if ac.num_layers and ac.mode != "layers":
+        fail("activation_checkpoint", "num_layers", f"it is used by mode = 'layers' only (mode is {ac.mode!r}); "
+                                                    "set mode = 'layers' or num_layers = 0")
+    # The depth of a Hugging Face model ("hf") is known once its config.json is read: checked at build time.
+    if model_args is not None and ac.num_layers > model_args.num_layers:
+        fail("activation_checkpoint", "num_layers",
+             f"model {config.model.name!r} has {model_args.num_layers} blocks; valid: 0 .. {model_args.num_layers}")
+    if ac.offload and ac.mode == "none":
+        fail("activation_checkpoint", "offload", "it offloads the inputs of checkpointed blocks; set mode to "
+                                                 "'full', 'selective' or 'layers', or offload = false")
+
+
+def _validate_hf_model(config: "Config", fail) -> None:
+    """``model.name = "hf"``: the Hugging Face folder must exist and its config.json describe a model we build."""
+    from torchtrain.hf_checkpoint import model_args_from_hf_folder  # imports torch: only when asked for
+
+    folder = config.checkpoint.initial_load_path
+    if not folder:
+        fail("model", "name", f"{HF_MODEL!r} takes the model's shape from the config.json of "
+                              "checkpoint.initial_load_path; set that key to a Hugging Face model folder")
+    try:
+        model_args_from_hf_folder(folder)
+    except (OSError, ValueError, KeyError) as e:
+        fail("checkpoint", "initial_load_path", f"its config.json gives no model shape: {e}")
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:

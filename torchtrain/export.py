@@ -20,7 +20,7 @@ import torch
 
 from torchtrain.config import ConfigError, load_config
 from torchtrain.hf_checkpoint import export_hf, read_dcp_model_state
-from torchtrain.models import get_model_args
+from torchtrain.train import model_args_for
 
 
 def recipe_tokenizer(config) -> str:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = load_config(args.config, overrides)
-        model_args = get_model_args(config.model.name)
+        model_args = model_args_for(config, torch.device("cpu"))
         state = read_dcp_model_state(args.checkpoint, model_args)
         tokenizer = None if args.no_tokenizer else (args.tokenizer or recipe_tokenizer(config))
         export_hf(state, model_args, args.out, args.family, tokenizer_path=tokenizer,

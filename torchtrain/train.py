@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,12 +23,16 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from torchtrain.checkpoint import CheckpointManager, IntState, ModelAndOptimizer, RNGState, model_record
-from torchtrain.config import Config, ConfigError, load_config, parse_args
+from torchtrain.config import HF_MODEL, Config, ConfigError, load_config, parse_args
 from torchtrain.data import Batch, TokenLoader, build_datasets
 from torchtrain.metrics import MetricsLogger, ThroughputMeter, device_peak_flops, peak_memory_bytes
 from torchtrain.models import ModelArgs, Transformer, get_model_args
 from torchtrain.optim import LRSchedule, build_optimizer
 from torchtrain.parallel import ParallelDims, build_mesh, check_layout, init_distributed, parallelize
+from torchtrain.parallel.ac import check_activation_checkpoint
+from torchtrain.parallel.float8 import after_optimizer_step, check_float8_support
+from torchtrain.profiling import StepProfiler, check_profiling
+from torchtrain.parallel.cp import batch_sharder
 from torchtrain.parallel.init import full_parameters
 from torchtrain.parallel.mesh import pipeline_settings
 from torchtrain.parallel.pp import Pipeline, build_pipeline, build_stage, merge_stages, split_layers, stage_ids_for_rank
@@ -79,11 +83,18 @@ def _train(config: Config, device: torch.device) -> TrainResult:
         logger.info("config (saved to %s):\n%s", output_dir / "config.toml", config.to_toml())
     model_args = model_args_for(config, device)
     check_layout(dims, config, model_args)
+    check_activation_checkpoint(config, model_args, device)
+    check_float8_support(config.float8, device, config.source)
+    check_profiling(config.profiling, device, config.source)
     if config.parallelism.fsdp_cpu_offload and device.type != "cuda":
         raise ConfigError(f"{config.source}: parallelism.fsdp_cpu_offload = true moves GPU memory to the CPU, "
                           f"but this run is on {device.type}; set it to false")
     mesh, dp_mesh = build_mesh(dims, device)
-    dp_rank, dp_size, dp_group = dp_mesh.get_local_rank(), dp_mesh.size(), dp_mesh.get_group()
+    dp_rank, dp_size = dp_mesh.get_local_rank(), dp_mesh.size()
+    # The loss and the count of valid tokens are summed over every rank holding different tokens: the
+    # data-parallel ranks and, within each, the context-parallel ranks (each a share of the sequence).
+    loss_group = mesh["dp_cp"].get_group()
+    shard_for_cp = batch_sharder(mesh, config.data.document_mask)
 
     train_loader, val_loader = build_data(config, model_args, dp_rank, dp_size)
     if config.training.deterministic:
@@ -99,7 +110,8 @@ def _train(config: Config, device: torch.device) -> TrainResult:
     checkpoints = None
     if config.checkpoint.enabled:
         checkpoints = CheckpointManager(output_dir / config.checkpoint.folder, config.checkpoint.keep_last,
-                                        config.checkpoint.async_mode, model_record(config.model.name, model_args))
+                                        config.checkpoint.async_mode, model_record(config.model.name, model_args),
+                                        optimizer)
     start_step = 0
     if config.checkpoint.resume:
         latest = checkpoints.latest() if checkpoints else None
@@ -120,11 +132,15 @@ def _train(config: Config, device: torch.device) -> TrainResult:
     metrics = MetricsLogger(output_dir / "tb", enabled=rank == 0 and config.metrics.tensorboard)
     result = TrainResult({}, {}, {}, output_dir)
     batches = iter(train_loader)
+    profiler = StepProfiler(config.profiling, output_dir, rank, device)
+    profiler.start(start_step + 1)
     try:
         for step in range(start_step + 1, config.training.steps + 1):
             started = time.perf_counter()
-            microbatches = [next(batches).to(device) for _ in range(config.training.grad_accum_steps)]
-            loss, grad_norm = train_step(parts, optimizer, microbatches, config, dp_group, autocast)
+            with profiler.step(step):
+                microbatches = [shard_for_cp(next(batches).to(device))
+                                for _ in range(config.training.grad_accum_steps)]
+                loss, grad_norm = train_step(parts, optimizer, microbatches, config, loss_group, autocast)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 if checkpoints:
                     checkpoints.wait()  # a background save of an earlier, finite step is still good
@@ -138,8 +154,9 @@ def _train(config: Config, device: torch.device) -> TrainResult:
             lr = lr_schedule.last_lr()
             lr_schedule.step()
             state["step"].obj.step = step
-            # Tensor, pipeline and context parallel ranks share their data-parallel rank's tokens.
-            meter.add(sum(b.tokens.numel() for b in microbatches) / (dims.tp * dims.pp * dims.cp),
+            # Tensor and pipeline parallel ranks share their data-parallel rank's tokens; a context
+            # parallel rank's microbatches already hold only its 1/cp share of them.
+            meter.add(sum(b.tokens.numel() for b in microbatches) / (dims.tp * dims.pp),
                       time.perf_counter() - started)
             result.losses[step] = loss
             result.grad_norms[step] = grad_norm
@@ -148,10 +165,12 @@ def _train(config: Config, device: torch.device) -> TrainResult:
             if step % config.metrics.log_every == 0 or step == config.training.steps:
                 figures = {"loss/train": loss, "optim/lr": lr, "optim/grad_norm": grad_norm,
                            "memory/peak_gib": peak_memory_bytes(device) / 2**30, **meter.read(step)}
+                if checkpoints and checkpoints.last_blocked_s:  # how long the latest save held training up
+                    figures["checkpoint/blocked_s"] = checkpoints.last_blocked_s
             if config.training.val_every and (step % config.training.val_every == 0
                                               or step == config.training.steps):
-                val_loss = evaluate(parts, val_loader(), config.training.val_batches, config, dp_group, device,
-                                    autocast)
+                val_loss = evaluate(parts, val_loader(), config.training.val_batches, config, loss_group, device,
+                                    autocast, shard_for_cp)
                 result.val_losses[step] = val_loss
                 figures.update({"loss/val": val_loss, "loss/val_perplexity": math.exp(min(val_loss, 50.0))})
             if figures:
@@ -162,6 +181,7 @@ def _train(config: Config, device: torch.device) -> TrainResult:
         if checkpoints:
             checkpoints.close()  # commit a background save before reporting the run done
     finally:
+        profiler.stop()
         metrics.close()
     if rank == 0 and config.metrics.tensorboard:
         logger.info("done. TensorBoard: tensorboard --logdir %s", output_dir / "tb")
@@ -241,20 +261,21 @@ def build_model(model_args: ModelArgs, config: Config, mesh, dims: ParallelDims,
 
 
 def uses_fsdp(config: Config, dims: ParallelDims) -> bool:
-    return dims.dp > 1 or config.parallelism.fsdp_cpu_offload
+    return dims.dp_cp > 1 or config.parallelism.fsdp_cpu_offload
 
 
 def train_step(parts: ModelParts, optimizer: torch.optim.Optimizer, microbatches: list[Batch], config: Config,
-               dp_group: dist.ProcessGroup, autocast) -> tuple[float, float]:
+               loss_group: dist.ProcessGroup, autocast) -> tuple[float, float]:
     """Forward and backward every microbatch, clip, and step. Returns (global loss, grad norm).
 
     The loss is the sum of token losses divided by the number of valid tokens in the whole global
-    batch (all microbatches on all data-parallel ranks), so accumulation and data parallelism give
-    exactly the gradient of one big batch, however the valid tokens are spread.
+    batch (all microbatches on all data-parallel ranks, and context-parallel ranks: ``loss_group``),
+    so accumulation and data parallelism give exactly the gradient of one big batch, however the
+    valid tokens are spread.
     """
     device = microbatches[0].tokens.device
     num_valid = torch.tensor(sum(b.num_valid_tokens() for b in microbatches), device=device, dtype=torch.float32)
-    dist.all_reduce(num_valid, group=dp_group)
+    dist.all_reduce(num_valid, group=loss_group)
     total = torch.zeros((), device=device)
     for batch in microbatches:
         with autocast:
@@ -271,12 +292,13 @@ def train_step(parts: ModelParts, optimizer: torch.optim.Optimizer, microbatches
             total += loss_sum.detach()
     params = [p for p in parts.model.parameters() if p.grad is not None]
     grad_norm = clip_grad_norm(params, config.training.max_norm, pipeline_group(parts))
-    dist.all_reduce(total, group=dp_group)
+    dist.all_reduce(total, group=loss_group)
     if parts.pipeline is not None:  # the last stage's ranks hold the loss; give it to every rank
         dist.all_reduce(total, group=pipeline_group(parts))
     loss, norm = (total / num_valid).item(), grad_norm.item()
     if math.isfinite(loss) and math.isfinite(norm):
         optimizer.step()
+        after_optimizer_step(parts.model, config.float8)
     optimizer.zero_grad(set_to_none=True)
     return loss, norm
 
@@ -286,10 +308,17 @@ def pipeline_group(parts: ModelParts) -> Optional[dist.ProcessGroup]:
 
 
 def attention_inputs(batch: Batch, config: Config) -> dict[str, torch.Tensor]:
-    """With document masking, tokens see only their own document and RoPE restarts at each one."""
-    if not config.data.document_mask:
-        return {}
-    return {"positions": batch.positions, "document_ids": batch.document_ids}
+    """With document masking, tokens see only their own document and RoPE restarts at each one.
+
+    Under context parallelism a rank's tokens are not a prefix of the sequence, so their global
+    positions (see ``parallel/cp.py: shard_batch``) are passed with or without document masking.
+    """
+    inputs = {}
+    if config.data.document_mask or config.parallelism.cp > 1:
+        inputs["positions"] = batch.positions
+    if config.data.document_mask:
+        inputs["document_ids"] = batch.document_ids
+    return inputs
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float,
@@ -312,14 +341,18 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float,
 
 
 @torch.no_grad()
-def evaluate(parts: ModelParts, loader: TokenLoader, num_batches: int, config: Config, dp_group: dist.ProcessGroup,
-             device: torch.device, autocast) -> float:
-    """Mean token loss over the first ``num_batches`` global batches of ``loader``, on all dp ranks."""
+def evaluate(parts: ModelParts, loader: TokenLoader, num_batches: int, config: Config, loss_group: dist.ProcessGroup,
+             device: torch.device, autocast, shard_for_cp: Callable[[Batch], Batch] = lambda batch: batch) -> float:
+    """Mean token loss over the first ``num_batches`` global batches of ``loader``, on all dp (x cp) ranks.
+
+    ``loss_group`` and ``shard_for_cp`` as in training: the ranks holding different tokens, and
+    what cuts this rank's share of the sequence out of a batch.
+    """
     totals = torch.zeros(2, device=device, dtype=torch.float64)
     for i, batch in enumerate(loader):
         if i == num_batches:
             break
-        batch = batch.to(device)
+        batch = shard_for_cp(batch.to(device))
         with autocast:
             if parts.pipeline is not None:
                 loss_sum = parts.pipeline.eval_step(batch.tokens, batch.labels, **attention_inputs(batch, config))
@@ -328,7 +361,7 @@ def evaluate(parts: ModelParts, loader: TokenLoader, num_batches: int, config: C
         if loss_sum is not None:
             totals[0] += loss_sum
         totals[1] += batch.num_valid_tokens()
-    dist.all_reduce(totals, group=dp_group)
+    dist.all_reduce(totals, group=loss_group)
     if parts.pipeline is not None:  # only the last stage's ranks summed losses; counts are the same everywhere
         losses = totals[:1].clone()
         dist.all_reduce(losses, group=pipeline_group(parts))
@@ -370,7 +403,21 @@ def resolve_dtype(config: Config, device: torch.device) -> str:
 
 
 def model_args_for(config: Config, device: torch.device) -> ModelArgs:
-    args = get_model_args(config.model.name)
+    """The recipe's model shape (a registry size or a Hugging Face config.json) with its attention backend."""
+    if config.model.name == HF_MODEL:
+        from torchtrain.hf_checkpoint import model_args_from_hf_folder
+
+        args = model_args_from_hf_folder(config.checkpoint.initial_load_path)
+        if config.training.seq_len > args.max_seq_len and not config.model.max_seq_len:
+            # Continued pre-training at a longer context than the release's: extend the RoPE table.
+            logger.warning("training.seq_len %d is longer than the %d positions of %s; positions beyond are new "
+                           "to the model", config.training.seq_len, args.max_seq_len,
+                           config.checkpoint.initial_load_path)
+            args.max_seq_len = config.training.seq_len
+    else:
+        args = get_model_args(config.model.name)
+    args.max_seq_len = config.model.max_seq_len or args.max_seq_len
+    args.rope_theta = config.model.rope_theta or args.rope_theta
     attention = config.model.attention
     args.attention = ("triton" if device.type == "cuda" else "sdpa") if attention == "auto" else attention
     return args

@@ -2,9 +2,15 @@
 
 Two ops, so that ``torch.compile`` and AOTAutograd see opaque nodes with known shapes:
 
-* ``torchtrain::flash_attention(q, k, v, document_ids, causal, window, scale) -> (out, lse)``
-* ``torchtrain::flash_attention_backward(dout, dlse, q, k, v, out, lse, document_ids, causal,
-  window, scale) -> (dq, dk, dv)``, called by the forward op's registered autograd formula.
+* ``torchtrain::flash_attention(q, k, v, document_ids, kv_document_ids, causal, window, scale)
+  -> (out, lse)``
+* ``torchtrain::flash_attention_backward(dout, dlse, q, k, v, out, lse, document_ids,
+  kv_document_ids, causal, window, scale) -> (dq, dk, dv)``, called by the forward op's
+  registered autograd formula.
+
+Queries may be fewer than keys (bottom-right aligned: query ``i`` sits at key position
+``i + Skv - Sq``), and queries and keys carry their own document ids: context parallelism runs a
+local chunk of queries against the all-gathered keys this way.
 
 ``lse`` is returned (and differentiable: its gradient folds into ``delta``) so context
 parallelism can merge partial attention results.
@@ -67,18 +73,25 @@ def uses_kernels(device: torch.device) -> bool:
     return False
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, document_ids: Optional[Tensor], window: int) -> None:
+def _check(q: Tensor, k: Tensor, v: Tensor, document_ids: Optional[Tensor], kv_document_ids: Optional[Tensor],
+           window: int) -> None:
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-        raise ValueError(f"expected q [B, Hq, S, D] and k, v [B, Hkv, S, D]; got {tuple(q.shape)}, "
+        raise ValueError(f"expected q [B, Hq, Sq, D] and k, v [B, Hkv, Skv, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} disagree on batch, length or head dim")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} disagree on batch or head dim")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    if document_ids is not None and (document_ids.shape != (q.shape[0], q.shape[2])
-                                     or document_ids.is_floating_point()):
-        raise ValueError(f"document_ids must be an int tensor [B, S] = {(q.shape[0], q.shape[2])}, "
-                         f"got {document_ids.dtype} {tuple(document_ids.shape)}")
+    if kv_document_ids is not None and document_ids is None:
+        raise ValueError("kv_document_ids needs document_ids (the queries' document ids) as well")
+    if document_ids is not None and kv_document_ids is None and q.shape[2] != k.shape[2]:
+        raise ValueError(f"document_ids alone need as many queries as keys ({q.shape[2]} vs {k.shape[2]}); "
+                         "pass the keys' ids as kv_document_ids")
+    for name, ids, length in (("document_ids", document_ids, q.shape[2]),
+                              ("kv_document_ids", kv_document_ids, k.shape[2])):
+        if ids is not None and (ids.shape != (q.shape[0], length) or ids.is_floating_point()):
+            raise ValueError(f"{name} must be an int tensor [B, S] = {(q.shape[0], length)}, "
+                             f"got {ids.dtype} {tuple(ids.shape)}")
     if window < 0:
         raise ValueError(f"window must be >= 0 (0 = no window), got {window}")
 
@@ -93,18 +106,20 @@ def _docs(document_ids: Optional[Tensor]) -> Optional[Tensor]:
 
 
 @torch.library.custom_op("torchtrain::flash_attention", mutates_args=())
-def _flash_attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Optional[Tensor], causal: bool, window: int,
+def _flash_attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Optional[Tensor],
+                     kv_document_ids: Optional[Tensor], causal: bool, window: int,
                      scale: float) -> tuple[Tensor, Tensor]:
-    _check(q, k, v, document_ids, window)
+    _check(q, k, v, document_ids, kv_document_ids, window)
     if uses_kernels(q.device):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        return kernels_module().forward(q, k, v, _docs(document_ids), causal, window, scale)
-    out, lse = reference_attention(q, k, v, causal=causal, document_ids=document_ids, window=window, scale=scale)
+        return kernels_module().forward(q, k, v, _docs(document_ids), _docs(kv_document_ids), causal, window, scale)
+    out, lse = reference_attention(q, k, v, causal=causal, document_ids=document_ids,
+                                   kv_document_ids=kv_document_ids, window=window, scale=scale)
     return out.contiguous(), lse.float().contiguous()
 
 
 @_flash_attention.register_fake
-def _(q, k, v, document_ids, causal, window, scale):
+def _(q, k, v, document_ids, kv_document_ids, causal, window, scale):
     batch, num_q_heads, seq_len, _ = q.shape
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(batch, num_q_heads, seq_len, dtype=torch.float32))
@@ -112,58 +127,63 @@ def _(q, k, v, document_ids, causal, window, scale):
 
 @torch.library.custom_op("torchtrain::flash_attention_backward", mutates_args=())
 def _flash_attention_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                              lse: Tensor, document_ids: Optional[Tensor], causal: bool, window: int,
-                              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                              lse: Tensor, document_ids: Optional[Tensor], kv_document_ids: Optional[Tensor],
+                              causal: bool, window: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     if uses_kernels(q.device):
         dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
         dlse = None if dlse is None else dlse.float().contiguous()
-        return kernels_module().backward(dout, dlse, q, k, v, out, lse.contiguous(), _docs(document_ids), causal,
-                                         window, scale)
+        return kernels_module().backward(dout, dlse, q, k, v, out, lse.contiguous(), _docs(document_ids),
+                                         _docs(kv_document_ids), causal, window, scale)
     dq, dk, dv = reference_attention_backward(dout, dlse, q, k, v, out, lse, causal=causal,
-                                              document_ids=document_ids, window=window, scale=scale)
+                                              document_ids=document_ids, kv_document_ids=kv_document_ids,
+                                              window=window, scale=scale)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_flash_attention_backward.register_fake
-def _(dout, dlse, q, k, v, out, lse, document_ids, causal, window, scale):
+def _(dout, dlse, q, k, v, out, lse, document_ids, kv_document_ids, causal, window, scale):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, document_ids, causal, window, scale = inputs
+    q, k, v, document_ids, kv_document_ids, causal, window, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, document_ids)
+    ctx.save_for_backward(q, k, v, out, lse, document_ids, kv_document_ids)
     ctx.causal, ctx.window, ctx.scale = causal, window, scale
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, document_ids = ctx.saved_tensors
+    q, k, v, out, lse, document_ids, kv_document_ids = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _flash_attention_backward(dout, dlse, q, k, v, out, lse, document_ids, ctx.causal, ctx.window,
-                                           ctx.scale)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _flash_attention_backward(dout, dlse, q, k, v, out, lse, document_ids, kv_document_ids,
+                                           ctx.causal, ctx.window, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _flash_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, document_ids: Optional[Tensor] = None,
-                    window: int = 0, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
-    """FlashAttention-2 style attention; returns ``(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] fp32)``.
+                    kv_document_ids: Optional[Tensor] = None, window: int = 0,
+                    scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """FlashAttention-2 style attention; returns ``(out [B, Hq, Sq, D] in q's dtype, lse [B, Hq, Sq] fp32)``.
 
     Args:
-        q: ``[B, Hq, S, D]``; k, v: ``[B, Hkv, S, D]`` with ``Hq % Hkv == 0`` (grouped-query
-            attention; K/V are not repeated).
-        causal: query ``i`` sees keys ``j <= i``.
-        document_ids: optional int ``[B, S]``; tokens see keys of their own document only. A
+        q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Skv, D]`` with ``Hq % Hkv == 0`` (grouped-query
+            attention; K/V are not repeated). With ``Sq < Skv`` the queries are the last ``Sq``
+            positions of the keys' sequence (bottom-right aligned, flash-attn's convention).
+        causal: query ``i`` sees keys ``j <= i + Skv - Sq``.
+        document_ids: optional int ``[B, Sq]``; tokens see keys of their own document only. A
             negative id marks a padding token: it sees no key (out 0, lse ``-inf``) and no
             query sees it.
-        window: sliding window, ``0`` = none; query ``i`` sees keys ``j > i - window``.
+        kv_document_ids: optional int ``[B, Skv]``, the keys' document ids (default
+            ``document_ids``, which then needs ``Sq == Skv``).
+        window: sliding window, ``0`` = none; query ``i`` sees keys ``j > i + Skv - Sq - window``.
         scale: softmax scale, default ``D ** -0.5``.
 
     A row that sees no key gives out 0 and lse ``-inf``. Differentiable in q, k, v (through
     both ``out`` and ``lse``).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return torch.ops.torchtrain.flash_attention(q, k, v, document_ids, causal, window, scale)
+    return torch.ops.torchtrain.flash_attention(q, k, v, document_ids, kv_document_ids, causal, window, scale)

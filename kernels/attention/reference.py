@@ -4,13 +4,20 @@ Everything is computed in ``promote(dtype, float32)`` (fp32 math for half inputs
 fp64 inputs, which is what the kernel tests compare against). Masking semantics, shared with
 the Triton kernels:
 
-* ``causal``: query ``i`` sees keys ``j <= i`` (top-left aligned);
-* ``window > 0``: query ``i`` sees keys ``j > i - window`` (a sliding window; with ``causal``
-  that is the last ``window`` keys including itself); ``0`` means no window;
-* ``document_ids`` ``[B, S]``: query ``i`` sees keys of the same document only; a negative id
-  marks padding, which sees no key and is seen by no query (the loader never produces one;
-  it is how a row with no visible key arises, and :func:`document_mask`, which the ``sdpa``
-  backend uses, does not apply this rule, since SDPA would return NaN for such rows);
+* queries may be fewer than keys (``Sq <= Skv``): the queries are then the LAST ``Sq``
+  positions of the key sequence (bottom-right aligned, flash-attn's convention), so query ``i``
+  sits at key position ``i + Skv - Sq``. Context parallelism uses this: a chunk of queries
+  attends to the all-gathered keys up to and including its own chunk. With ``Sq == Skv`` that
+  is the usual square case;
+* ``causal``: query ``i`` sees keys ``j <= i + Skv - Sq``;
+* ``window > 0``: query ``i`` sees keys ``j > i + Skv - Sq - window`` (a sliding window; with
+  ``causal`` that is the last ``window`` keys including itself); ``0`` means no window;
+* ``document_ids`` ``[B, Sq]`` and ``kv_document_ids`` ``[B, Skv]`` (default: ``document_ids``,
+  which then needs ``Sq == Skv``): query ``i`` sees keys of the same document only; a negative
+  key id marks padding, which no query sees (a negative query id matches no key's id, so such a
+  query sees nothing either). The loader never produces one; it is how a row with no visible key
+  arises, and :func:`document_mask`, which the ``sdpa`` backend uses, does not apply this rule,
+  since SDPA would return NaN for such rows;
 * a row that sees no key returns out 0 and lse ``-inf`` (never NaN, also in the gradients).
 
 GQA: the ``Hq`` query heads are viewed as ``[Hkv, Hq // Hkv]`` and K/V broadcast over the
@@ -24,34 +31,42 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["document_mask", "visibility_mask", "reference_attention", "reference_attention_backward"]
+__all__ = ["document_mask", "causal_mask", "visibility_mask", "reference_attention", "reference_attention_backward"]
 
 
-def document_mask(document_ids: Tensor, causal: bool = True) -> Tensor:
-    """Boolean mask ``[B, 1, S, S]``: True where query ``i`` may attend to key ``j``.
+def document_mask(document_ids: Tensor, causal: bool = True, kv_document_ids: Optional[Tensor] = None) -> Tensor:
+    """Boolean mask ``[B, 1, Sq, Skv]``: True where query ``i`` may attend to key ``j``.
 
-    Block-diagonal over documents, intersected with the causal triangle when ``causal``.
-    NOTE: this materialises ``B * S * S`` booleans, fine on CPU and for modest lengths;
-    the Triton kernel reads ``document_ids`` directly instead.
+    Block-diagonal over documents (query ids ``document_ids`` ``[B, Sq]``, key ids
+    ``kv_document_ids`` ``[B, Skv]``, default the query ids), intersected with the
+    bottom-right-aligned causal triangle when ``causal``.
+    NOTE: this materialises ``B * Sq * Skv`` booleans, fine on CPU and for modest lengths;
+    the Triton kernel reads the ids directly instead.
     """
-    seq_len = document_ids.shape[-1]
-    mask = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)  # [B, S, S]
+    kv_document_ids = document_ids if kv_document_ids is None else kv_document_ids
+    mask = document_ids.unsqueeze(-1) == kv_document_ids.unsqueeze(-2)  # [B, Sq, Skv]
     if causal:
-        mask = mask & torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).tril()
+        mask = mask & causal_mask(document_ids.shape[-1], kv_document_ids.shape[-1], mask.device)
     return mask.unsqueeze(1)
 
 
+def causal_mask(q_len: int, kv_len: int, device=None) -> Tensor:
+    """``[Sq, Skv]`` booleans: query ``i`` sees key ``j <= i + Skv - Sq`` (bottom-right aligned)."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
+
+
 def visibility_mask(q_len: int, kv_len: int, *, causal: bool, document_ids: Optional[Tensor] = None,
-                    window: int = 0, device=None) -> Optional[Tensor]:
+                    kv_document_ids: Optional[Tensor] = None, window: int = 0, device=None) -> Optional[Tensor]:
     """Boolean mask broadcastable to ``[B, 1, Sq, Skv]`` (True = may attend), or None for "all"."""
     if document_ids is not None:
-        visible = document_mask(document_ids, causal) & (document_ids >= 0)[:, None, None, :]
+        kv_ids = document_ids if kv_document_ids is None else kv_document_ids
+        visible = document_mask(document_ids, causal, kv_ids) & (kv_ids >= 0)[:, None, None, :]
     elif causal:
-        visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
+        visible = causal_mask(q_len, kv_len, device)
     else:
         visible = None
     if window > 0:
-        i = torch.arange(q_len, device=device).unsqueeze(-1)
+        i = torch.arange(q_len, device=device).unsqueeze(-1) + (kv_len - q_len)  # key position of query i
         j = torch.arange(kv_len, device=device)
         in_window = j > i - window
         visible = in_window if visible is None else visible & in_window
@@ -71,13 +86,13 @@ def _grouped(q: Tensor, k: Tensor, v: Tensor):
     return qf, kf, vf, group
 
 
-def _visible5(q: Tensor, k: Tensor, group: int, causal: bool, document_ids: Optional[Tensor], window: int,
-              mask: Optional[Tensor]) -> Optional[Tensor]:
+def _visible5(q: Tensor, k: Tensor, group: int, causal: bool, document_ids: Optional[Tensor],
+              kv_document_ids: Optional[Tensor], window: int, mask: Optional[Tensor]) -> Optional[Tensor]:
     """Visibility broadcastable to the grouped scores ``[B, Hkv, G, Sq, Skv]``."""
     batch, num_q_heads, q_len, _ = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
-    visible = visibility_mask(q_len, kv_len, causal=causal, document_ids=document_ids, window=window,
-                              device=q.device)
+    visible = visibility_mask(q_len, kv_len, causal=causal, document_ids=document_ids,
+                              kv_document_ids=kv_document_ids, window=window, device=q.device)
     if visible is not None and visible.dim() == 4:
         visible = visible.unsqueeze(1)  # [B, 1, 1, Sq, Skv]
     if mask is not None:
@@ -87,13 +102,15 @@ def _visible5(q: Tensor, k: Tensor, group: int, causal: bool, document_ids: Opti
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
-                        document_ids: Optional[Tensor] = None, window: int = 0, scale: Optional[float] = None,
+                        document_ids: Optional[Tensor] = None, kv_document_ids: Optional[Tensor] = None,
+                        window: int = 0, scale: Optional[float] = None,
                         mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Plain-PyTorch attention, softmax in (at least) fp32: the oracle for every kernel.
 
     Args:
-        q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Skv, D]`` with ``Hq % Hkv == 0``.
-        causal, document_ids, window: the masks described in the module docstring.
+        q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Skv, D]`` with ``Hq % Hkv == 0`` and ``Sq <= Skv``
+            (queries bottom-right aligned with the keys).
+        causal, document_ids, kv_document_ids, window: the masks described in the module docstring.
         scale: softmax scale, default ``D ** -0.5``.
         mask: optional extra boolean visibility mask broadcastable to ``[B, Hq, Sq, Skv]``
             (True = may attend), ANDed with the others; tests use it for cases the model
@@ -108,7 +125,7 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     scale = head_dim ** -0.5 if scale is None else scale
     qf, kf, vf, group = _grouped(q, k, v)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hkv, G, Sq, Skv]
-    visible = _visible5(q, k, group, causal, document_ids, window, mask)
+    visible = _visible5(q, k, group, causal, document_ids, kv_document_ids, window, mask)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
 
@@ -130,8 +147,8 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
 
 def reference_attention_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                                  out: Tensor, lse: Tensor, *, causal: bool = True,
-                                 document_ids: Optional[Tensor] = None, window: int = 0,
-                                 scale: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+                                 document_ids: Optional[Tensor] = None, kv_document_ids: Optional[Tensor] = None,
+                                 window: int = 0, scale: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
     """The kernels' backward in plain PyTorch: ``(dq, dk, dv)`` in the dtypes of ``q, k, v``.
 
     Same algorithm as the Triton backward (recompute ``P = exp(S - lse)``, ``delta =
@@ -146,7 +163,7 @@ def reference_attention_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor
     lse5 = lse.to(dtype).reshape(*shape5, 1)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
     probs = torch.exp(scores - lse5)  # rows with lse = -inf are masked out below
-    visible = _visible5(q, k, group, causal, document_ids, window, None)
+    visible = _visible5(q, k, group, causal, document_ids, kv_document_ids, window, None)
     if visible is None:
         visible = torch.ones((), dtype=torch.bool, device=q.device)
     probs = torch.where(visible & torch.isfinite(lse5), probs, 0.0)

@@ -1,16 +1,19 @@
 """FlashAttention-2-style Triton kernels: forward, and a three-kernel backward.
 
-Layout: ``q``/``do``/``o``/``dq`` are ``[B, Hq, S, D]``, ``k``/``v``/``dk``/``dv`` are
-``[B, Hkv, S, D]`` (any strides, last dim contiguous), ``lse``/``delta`` are fp32
-``[B, Hq, S]`` (contiguous), ``document_ids`` int32 ``[B, S]``. Query head ``h`` reads
-key/value head ``h // (Hq // Hkv)``: grouped-query attention without repeating K/V.
+Layout: ``q``/``do``/``o``/``dq`` are ``[B, Hq, Sq, D]``, ``k``/``v``/``dk``/``dv`` are
+``[B, Hkv, Skv, D]`` (any strides, last dim contiguous), ``lse``/``delta`` are fp32
+``[B, Hq, Sq]`` (contiguous), ``document_ids`` int32 ``[B, Sq]`` and ``kv_document_ids`` int32
+``[B, Skv]``. Query head ``h`` reads key/value head ``h // (Hq // Hkv)``: grouped-query attention
+without repeating K/V. Queries are bottom-right aligned with the keys: query ``i`` sits at key
+position ``i + offset`` with ``offset = Skv - Sq`` (0 in the square case; context parallelism runs
+a chunk of queries against the keys up to the end of that chunk).
 
 Masks, shared by every kernel through :func:`_visible`:
 
-* tail: key ``j`` and query ``i`` must be ``< S`` (S need not be a multiple of a block);
-* ``CAUSAL``: ``j <= i``;
-* ``HAS_WINDOW``: ``j > i - window`` (sliding window, combined with causal when set);
-* ``HAS_DOCS``: ``doc[i] == doc[j] >= 0`` (a negative id marks padding: it sees nothing).
+* tail: query ``i < Sq`` and key ``j < Skv`` (neither need be a multiple of a block);
+* ``CAUSAL``: ``j <= i + offset``;
+* ``HAS_WINDOW``: ``j > i + offset - window`` (sliding window, combined with causal when set);
+* ``HAS_DOCS``: ``doc_q[i] == doc_k[j] >= 0`` (a negative id marks padding: it sees nothing).
 
 Tile skipping: causal and window limits become loop bounds (fully masked key tiles are never
 visited). Documents skip a tile when the document-id ranges of the query tile and key tile do
@@ -92,43 +95,43 @@ _KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOCS"]
 
 
 @triton.jit
-def _visible(offs_m, offs_n, seq_len, window, doc_q, doc_k,
+def _visible(offs_m, offs_n, q_len, kv_len, offset, window, doc_q, doc_k,
              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
     """Boolean ``[BLOCK_M, BLOCK_N]``: may query ``offs_m[i]`` see key ``offs_n[j]``."""
-    mask = (offs_m[:, None] < seq_len) & (offs_n[None, :] < seq_len)
+    mask = (offs_m[:, None] < q_len) & (offs_n[None, :] < kv_len)
     if CAUSAL:
-        mask = mask & (offs_n[None, :] <= offs_m[:, None])
+        mask = mask & (offs_n[None, :] <= offs_m[:, None] + offset)
     if HAS_WINDOW:
-        mask = mask & (offs_n[None, :] > offs_m[:, None] - window)
+        mask = mask & (offs_n[None, :] > offs_m[:, None] + offset - window)
     if HAS_DOCS:  # same document, and a negative id (padding) sees and is seen by nothing
         mask = mask & (doc_q[:, None] == doc_k[None, :]) & (doc_k[None, :] >= 0)
     return mask
 
 
 @triton.jit
-def _key_range(start_m, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _key_range(start_m, kv_len, offset, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """``[lo, hi)`` of key positions a query tile starting at ``start_m`` can see; ``lo`` is BLOCK_N aligned."""
     lo = 0
-    hi = seq_len
+    hi = kv_len
     if CAUSAL:
-        hi = tl.minimum(seq_len, start_m + BLOCK_M)
+        hi = tl.minimum(kv_len, start_m + BLOCK_M + offset)
     if HAS_WINDOW:
-        lo = tl.maximum(0, start_m - window + 1)
+        lo = tl.maximum(0, start_m + offset - window + 1)
         lo = (lo // BLOCK_N) * BLOCK_N
     return lo, hi
 
 
 @triton.jit
-def _query_range(start_n, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _query_range(start_n, q_len, offset, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """``[lo, hi)`` of query positions that can see a key tile starting at ``start_n``; ``lo`` is BLOCK_M aligned."""
     lo = 0
-    hi = seq_len
+    hi = q_len
     if CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(0, start_n - offset) // BLOCK_M) * BLOCK_M
     if HAS_WINDOW:
-        hi = tl.minimum(seq_len, start_n + BLOCK_N + window - 1)
+        hi = tl.minimum(q_len, start_n + BLOCK_N - offset + window - 1)
     return lo, hi
 
 
@@ -148,13 +151,13 @@ def _doc_range(docs, valid):
 @triton.autotune(configs=_configs("fwd"), key=_KEY)
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, DOCS,
+    Q, K, V, O, LSE, DOCS, KV_DOCS,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
-    stride_db, stride_ds,
-    num_q_heads, group, seq_len, window, qk_scale,
+    stride_db, stride_ds, stride_kdb, stride_kds,
+    num_q_heads, group, q_len, kv_len, window, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -169,11 +172,12 @@ def _fwd_kernel(
     O += b * stride_ob + h * stride_oh
     K += b * stride_kb + kv_h * stride_kh
     V += b * stride_vb + kv_h * stride_vh
-    LSE += off_bh.to(tl.int64) * seq_len
+    LSE += off_bh.to(tl.int64) * q_len
+    offset = kv_len - q_len
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < seq_len
+    m_valid = offs_m < q_len
     d_valid = offs_d < HEAD_DIM
     q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_valid[:, None] & d_valid[None, :], other=0.0)
 
@@ -182,6 +186,7 @@ def _fwd_kernel(
     doc_q_hi = 0
     if HAS_DOCS:
         DOCS += b * stride_db
+        KV_DOCS += b * stride_kdb
         doc_q = tl.load(DOCS + offs_m * stride_ds, mask=m_valid, other=0)
         doc_q_lo, doc_q_hi = _doc_range(doc_q, m_valid)
 
@@ -189,14 +194,14 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    lo, hi = _key_range(start_m, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, hi = _key_range(start_m, kv_len, offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < seq_len
+        n_valid = offs_n < kv_len
         doc_k = offs_n
         overlap = True
         if HAS_DOCS:
-            doc_k = tl.load(DOCS + offs_n * stride_ds, mask=n_valid, other=0)
+            doc_k = tl.load(KV_DOCS + offs_n * stride_kds, mask=n_valid, other=0)
             doc_k_lo, doc_k_hi = _doc_range(doc_k, n_valid)
             overlap = (doc_k_lo <= doc_q_hi) & (doc_k_hi >= doc_q_lo)
         if overlap:
@@ -208,7 +213,8 @@ def _fwd_kernel(
             else:
                 s = tl.dot(q, tl.trans(k))
             s = s * qk_scale  # base-2 logits
-            visible = _visible(offs_m, offs_n, seq_len, window, doc_q, doc_k, CAUSAL, HAS_WINDOW, HAS_DOCS)
+            visible = _visible(offs_m, offs_n, q_len, kv_len, offset, window, doc_q, doc_k, CAUSAL, HAS_WINDOW,
+                               HAS_DOCS)
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # A row with nothing visible so far has m_new = -inf: shift by 0 instead so that
@@ -266,15 +272,15 @@ def _bwd_preprocess_kernel(
 @triton.autotune(configs=_configs("dkdv"), key=_KEY)
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DOCS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOCS, KV_DOCS,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos,
     stride_dkb, stride_dkh, stride_dks,
     stride_dvb, stride_dvh, stride_dvs,
-    stride_db, stride_ds,
-    num_q_heads, num_kv_heads, group, seq_len, window, qk_scale, sm_scale,
+    stride_db, stride_ds, stride_kdb, stride_kds,
+    num_q_heads, num_kv_heads, group, q_len, kv_len, window, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -285,10 +291,11 @@ def _bwd_dkdv_kernel(
     off_bh = tl.program_id(1)
     b = (off_bh // num_kv_heads).to(tl.int64)
     kv_h = (off_bh % num_kv_heads).to(tl.int64)
+    offset = kv_len - q_len
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    n_valid = offs_n < seq_len
+    n_valid = offs_n < kv_len
     d_valid = offs_d < HEAD_DIM
     kv_mask = n_valid[:, None] & d_valid[None, :]
     k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask,
@@ -301,20 +308,21 @@ def _bwd_dkdv_kernel(
     doc_k_hi = 0
     if HAS_DOCS:
         DOCS += b * stride_db
-        doc_k = tl.load(DOCS + offs_n * stride_ds, mask=n_valid, other=0)
+        KV_DOCS += b * stride_kdb
+        doc_k = tl.load(KV_DOCS + offs_n * stride_kds, mask=n_valid, other=0)
         doc_k_lo, doc_k_hi = _doc_range(doc_k, n_valid)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, hi = _query_range(start_n, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, hi = _query_range(start_n, q_len, offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     for g in range(0, group):
         h = kv_h * group + g
         Qh = Q + b * stride_qb + h * stride_qh
         DOh = DO + b * stride_dob + h * stride_doh
-        row0 = (b * num_q_heads + h) * seq_len
+        row0 = (b * num_q_heads + h) * q_len
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_valid = offs_m < seq_len
+            m_valid = offs_m < q_len
             doc_q = offs_m
             overlap = True
             if HAS_DOCS:
@@ -334,7 +342,8 @@ def _bwd_dkdv_kernel(
                     s = tl.dot(q, tl.trans(k), input_precision="ieee")
                 else:
                     s = tl.dot(q, tl.trans(k))
-                visible = _visible(offs_m, offs_n, seq_len, window, doc_q, doc_k, CAUSAL, HAS_WINDOW, HAS_DOCS)
+                visible = _visible(offs_m, offs_n, q_len, kv_len, offset, window, doc_q, doc_k, CAUSAL, HAS_WINDOW,
+                                   HAS_DOCS)
                 p = tl.where(visible, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
                 if FP32_DOT:
                     dv += tl.dot(tl.trans(p), do, input_precision="ieee")
@@ -358,14 +367,14 @@ def _bwd_dkdv_kernel(
 @triton.autotune(configs=_configs("dq"), key=_KEY)
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DOCS,
+    Q, K, V, DO, LSE, DELTA, DQ, DOCS, KV_DOCS,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos,
     stride_dqb, stride_dqh, stride_dqs,
-    stride_db, stride_ds,
-    num_q_heads, group, seq_len, window, qk_scale, sm_scale,
+    stride_db, stride_ds, stride_kdb, stride_kds,
+    num_q_heads, group, q_len, kv_len, window, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -378,17 +387,18 @@ def _bwd_dq_kernel(
     kv_h = h // group
     K += b * stride_kb + kv_h * stride_kh
     V += b * stride_vb + kv_h * stride_vh
+    offset = kv_len - q_len
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < seq_len
+    m_valid = offs_m < q_len
     d_valid = offs_d < HEAD_DIM
     q_mask = m_valid[:, None] & d_valid[None, :]
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask,
                 other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask,
                  other=0.0)
-    row0 = off_bh.to(tl.int64) * seq_len
+    row0 = off_bh.to(tl.int64) * q_len
     lse = tl.load(LSE + row0 + offs_m, mask=m_valid, other=0.0)
     delta = tl.load(DELTA + row0 + offs_m, mask=m_valid, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -398,18 +408,19 @@ def _bwd_dq_kernel(
     doc_q_hi = 0
     if HAS_DOCS:
         DOCS += b * stride_db
+        KV_DOCS += b * stride_kdb
         doc_q = tl.load(DOCS + offs_m * stride_ds, mask=m_valid, other=0)
         doc_q_lo, doc_q_hi = _doc_range(doc_q, m_valid)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, hi = _key_range(start_m, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, hi = _key_range(start_m, kv_len, offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < seq_len
+        n_valid = offs_n < kv_len
         doc_k = offs_n
         overlap = True
         if HAS_DOCS:
-            doc_k = tl.load(DOCS + offs_n * stride_ds, mask=n_valid, other=0)
+            doc_k = tl.load(KV_DOCS + offs_n * stride_kds, mask=n_valid, other=0)
             doc_k_lo, doc_k_hi = _doc_range(doc_k, n_valid)
             overlap = (doc_k_lo <= doc_q_hi) & (doc_k_hi >= doc_q_lo)
         if overlap:
@@ -422,7 +433,8 @@ def _bwd_dq_kernel(
             else:
                 s = tl.dot(q, tl.trans(k))
                 dp = tl.dot(do, tl.trans(v))
-            visible = _visible(offs_m, offs_n, seq_len, window, doc_q, doc_k, CAUSAL, HAS_WINDOW, HAS_DOCS)
+            visible = _visible(offs_m, offs_n, q_len, kv_len, offset, window, doc_q, doc_k, CAUSAL, HAS_WINDOW,
+                               HAS_DOCS)
             p = tl.where(visible, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
             ds = p * (dp - delta[:, None])
             if FP32_DOT:
@@ -444,45 +456,51 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _common(q: torch.Tensor, document_ids, window: int):
+def _common(q: torch.Tensor, document_ids, kv_document_ids, window: int):
+    """The query and key document ids (placeholders without documents, the query ids when the keys
+    have none of their own), their four strides, and the kernels' compile-time flags."""
     head_dim = q.shape[-1]
     docs = document_ids if document_ids is not None else q.new_zeros(1, 1, dtype=torch.int32)
+    kv_docs = kv_document_ids if kv_document_ids is not None else docs
     flags = dict(
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         HAS_WINDOW=window > 0, HAS_DOCS=document_ids is not None, FP32_DOT=q.dtype == torch.float32,
     )
-    return docs, flags
+    strides = (docs.stride(0), docs.stride(1), kv_docs.stride(0), kv_docs.stride(1))
+    return docs, kv_docs, strides, flags
 
 
-def forward(q, k, v, document_ids, causal: bool, window: int, scale: float):
+def forward(q, k, v, document_ids, kv_document_ids, causal: bool, window: int, scale: float):
     """Run the forward kernel; returns ``(out, lse)``. Inputs as prepared by ``op.py``."""
-    batch, num_q_heads, seq_len, _ = q.shape
+    batch, num_q_heads, q_len, _ = q.shape
+    kv_len = k.shape[2]
     group = num_q_heads // k.shape[1]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(batch, num_q_heads, seq_len, dtype=torch.float32, device=q.device)
-    docs, flags = _common(q, document_ids, window)
-    grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads)  # noqa: E731
+    lse = torch.empty(batch, num_q_heads, q_len, dtype=torch.float32, device=q.device)
+    docs, kv_docs, doc_strides, flags = _common(q, document_ids, kv_document_ids, window)
+    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * num_q_heads)  # noqa: E731
     _fwd_kernel[grid](
-        q, k, v, out, lse, docs,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), docs.stride(0), docs.stride(1),
-        num_q_heads, group, seq_len, window, scale * LOG2E,
+        q, k, v, out, lse, docs, kv_docs,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *doc_strides,
+        num_q_heads, group, q_len, kv_len, window, scale * LOG2E,
         CAUSAL=causal, **flags,
     )
     return out, lse
 
 
-def backward(dout, dlse, q, k, v, out, lse, document_ids, causal: bool, window: int, scale: float):
+def backward(dout, dlse, q, k, v, out, lse, document_ids, kv_document_ids, causal: bool, window: int,
+             scale: float):
     """Run the three backward kernels; returns ``(dq, dk, dv)`` in the dtypes of ``q, k, v``."""
-    batch, num_q_heads, seq_len, head_dim = q.shape
-    num_kv_heads = k.shape[1]
+    batch, num_q_heads, q_len, head_dim = q.shape
+    num_kv_heads, kv_len = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
-    docs, flags = _common(q, document_ids, window)
+    docs, kv_docs, doc_strides, flags = _common(q, document_ids, kv_document_ids, window)
 
     delta = torch.empty_like(lse)
     pre_block = 64
-    _bwd_preprocess_kernel[(triton.cdiv(seq_len, pre_block), batch * num_q_heads)](
+    _bwd_preprocess_kernel[(triton.cdiv(q_len, pre_block), batch * num_q_heads)](
         out, dout, dlse if dlse is not None else lse, delta,
-        *_strides3(out), *_strides3(dout), num_q_heads, seq_len,
+        *_strides3(out), *_strides3(dout), num_q_heads, q_len,
         HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=pre_block,
     )
 
@@ -490,18 +508,18 @@ def backward(dout, dlse, q, k, v, out, lse, document_ids, causal: bool, window: 
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout))
-    grid_kv = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * num_kv_heads)  # noqa: E731
+    grid_kv = lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * num_kv_heads)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](
-        q, k, v, dout, lse, delta, dk, dv, docs,
-        *common, *_strides3(dk), *_strides3(dv), docs.stride(0), docs.stride(1),
-        num_q_heads, num_kv_heads, group, seq_len, window, scale * LOG2E, scale,
+        q, k, v, dout, lse, delta, dk, dv, docs, kv_docs,
+        *common, *_strides3(dk), *_strides3(dv), *doc_strides,
+        num_q_heads, num_kv_heads, group, q_len, kv_len, window, scale * LOG2E, scale,
         CAUSAL=causal, **flags,
     )
-    grid_q = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads)  # noqa: E731
+    grid_q = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * num_q_heads)  # noqa: E731
     _bwd_dq_kernel[grid_q](
-        q, k, v, dout, lse, delta, dq, docs,
-        *common, *_strides3(dq), docs.stride(0), docs.stride(1),
-        num_q_heads, group, seq_len, window, scale * LOG2E, scale,
+        q, k, v, dout, lse, delta, dq, docs, kv_docs,
+        *common, *_strides3(dq), *doc_strides,
+        num_q_heads, group, q_len, kv_len, window, scale * LOG2E, scale,
         CAUSAL=causal, **flags,
     )
     return dq, dk, dv

@@ -8,7 +8,8 @@ CASE is checked in turn (the process start-up is the expensive part on a small C
 * ``eager``, ``docs``, ``tied``, ``ac``, ``compile``, ``ac_compile``, ``fsdp``: the debug Transformer
   (GQA) made tensor-parallel on the meta device, loaded with a single-process reference's weights,
   against that reference: plain, with packed documents, with a tied embedding and biases, with
-  checkpointed blocks, compiled blocks (fullgraph), both, and with FSDP2 over a 2-D (dp, tp) mesh;
+  checkpointed blocks (full and selective), compiled blocks (fullgraph), both, and with FSDP2 over a
+  2-D (dp, tp) mesh;
 * ``stages``: two pipeline stages (no output projection / no embedding) on the same tp ranks, run by
   hand as a schedule would, handing a plain sequence shard from one to the other;
 * ``validate``: apply_tp names the model dimension the tp size does not divide.
@@ -149,7 +150,9 @@ def build_tp_model(reference: Transformer, mesh, case: str) -> nn.Module:
     apply_tp(model, tp_mesh)
     if case in ("ac", "ac_compile"):
         apply_activation_checkpointing(model, "full")
-    if case in ("compile", "ac_compile"):
+    if case in ("ac_selective", "ac_selective_compile"):
+        apply_activation_checkpointing(model, "selective")
+    if case in ("compile", "ac_compile", "ac_selective_compile"):
         assert apply_compile(model, COMPILE_BACKEND, torch.device("cpu")), f"{COMPILE_BACKEND} does not work here"
     if case == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -192,7 +195,7 @@ def batch(vocab_size: int, case: str):
     return tokens, labels, kwargs
 
 
-def check_model(mesh, case: str) -> None:
+def check_model(mesh, case: str, report: bool = True) -> None:
     torch.manual_seed(0)
     reference = Transformer(model_args(case))
     reference.init_weights()
@@ -243,7 +246,8 @@ def check_model(mesh, case: str) -> None:
             logits = model(tokens, **kwargs)
             assert logits.placements == (Shard(-1),) or logits.placements == (Shard(2),), logits.placements
             close(logits.full_tensor(), reference(tokens, **kwargs), "eager: logits", 1e-5)
-    log(f"ok {case} {expected.item():.4f}")
+    if report:
+        log(f"ok {case} {expected.item():.4f}")
 
 
 def check_stages(mesh) -> None:
@@ -308,6 +312,12 @@ def main() -> None:
             check_validation(init_device_mesh("cpu", (2,), mesh_dim_names=("tp",)))
         elif case == "fsdp":  # 2-D DTensors: FSDP over a size-1 dp dimension, on top of TP
             check_model(init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "tp")), case)
+        elif case in ("ac", "ac_compile"):
+            # NOTE: each also checks the selective policy (which saves the collectives' outputs), reported
+            # under the same name; selective saves SDPA, so its compiled case keeps the SDPA backend.
+            mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+            check_model(mesh, case.replace("ac", "ac_selective"), report=False)
+            check_model(mesh, case)
         else:
             check_model(init_device_mesh("cpu", (2,), mesh_dim_names=("tp",)), case)
     dist.destroy_process_group()

@@ -1,25 +1,29 @@
 """The one attention function the model calls, and the backends behind it.
 
-``attention(q, k, v, backend=...)`` takes queries ``[B, Hq, S, D]`` and keys/values
-``[B, Hkv, S, D]`` (grouped-query attention: ``Hq`` is a multiple of ``Hkv``; K/V are
-never repeated by the caller) and returns ``[B, Hq, S, D]`` in the dtype of ``q``.
+``attention(q, k, v, backend=...)`` takes queries ``[B, Hq, Sq, D]`` and keys/values
+``[B, Hkv, Skv, D]`` (grouped-query attention: ``Hq`` is a multiple of ``Hkv``; K/V are
+never repeated by the caller) and returns ``[B, Hq, Sq, D]`` in the dtype of ``q``. The model
+calls it with ``Sq == Skv``; context parallelism (``torchtrain/parallel/cp.py``) with a chunk of
+queries against the all-gathered keys, ``Sq < Skv``.
 
 Backends live in :data:`BACKENDS`, a plain dict from name to function: ``"sdpa"``
 (``F.scaled_dot_product_attention``), ``"reference"`` (the pure-PyTorch oracle) and
 ``"triton"`` (the FlashAttention-2 style op ``torchtrain::flash_attention`` from
 ``kernels.attention``).
 
-Every backend takes ``(q, k, v, causal, document_ids, scale)`` and must agree with
+Every backend takes ``(q, k, v, causal, document_ids, kv_document_ids, scale)`` and must agree with
 :func:`reference_attention`, the pure-PyTorch oracle the kernel tests compare against. It
 lives beside the kernel in ``kernels/attention/reference.py`` (one reference for both) and is
 re-exported here with :func:`document_mask`.
 
 Masking semantics shared by all backends:
 
-* ``causal``: query ``i`` sees keys ``j <= i`` (top-left aligned, as ``is_causal`` in
-  ``F.scaled_dot_product_attention``).
-* ``document_ids``: an int tensor ``[B, S]``; query ``i`` only sees keys of the same
+* Queries are bottom-right aligned with the keys: query ``i`` sits at key position
+  ``i + Skv - Sq`` (flash-attn's convention; the usual square case when ``Sq == Skv``).
+* ``causal``: query ``i`` sees keys ``j <= i + Skv - Sq``.
+* ``document_ids``: an int tensor ``[B, Sq]``; query ``i`` only sees keys of the same
   document. Packed sequences use this so documents never attend across each other.
+  ``kv_document_ids`` ``[B, Skv]`` are the keys' ids (default: ``document_ids``).
 * A query row that can see no key at all returns zeros (never NaN).
 * Negative document ids (padding: sees nothing, seen by nothing) are defined only for the
   ``"reference"`` and ``"triton"`` backends; the loader never produces them.
@@ -33,16 +37,31 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.attention import flash_attention
-from kernels.attention.reference import document_mask, reference_attention
+from kernels.attention.reference import causal_mask, document_mask, reference_attention
 
 __all__ = ["attention", "reference_attention", "document_mask", "BACKENDS"]
 
-AttentionBackend = Callable[[Tensor, Tensor, Tensor, bool, Optional[Tensor], Optional[float]], Tensor]
+AttentionBackend = Callable[[Tensor, Tensor, Tensor, bool, Optional[Tensor], Optional[Tensor], Optional[float]],
+                            Tensor]
+
+
+def _sdpa_mask(q_len: int, kv_len: int, causal: bool, document_ids: Optional[Tensor],
+               kv_document_ids: Optional[Tensor], device) -> Optional[Tensor]:
+    """The explicit boolean mask SDPA needs, or None where ``is_causal`` (or nothing) says it all.
+
+    NOTE: SDPA's ``is_causal`` is top-left aligned, so with fewer queries than keys the
+    bottom-right-aligned causal triangle has to be spelt out.
+    """
+    if document_ids is not None:
+        return document_mask(document_ids, causal, kv_document_ids)
+    if causal and q_len != kv_len:
+        return causal_mask(q_len, kv_len, device)
+    return None
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, document_ids: Optional[Tensor],
-          scale: Optional[float]) -> Tensor:
-    mask = None if document_ids is None else document_mask(document_ids, causal)
+          kv_document_ids: Optional[Tensor], scale: Optional[float]) -> Tensor:
+    mask = _sdpa_mask(q.shape[2], k.shape[2], causal, document_ids, kv_document_ids, q.device)
     # NOTE: grouped-query attention goes through ``enable_gqa=True`` rather than repeating
     # K/V with ``repeat_interleave``. Measured on this 2-core CPU (fp32, fwd+bwd,
     # Hq=8, Hkv=2, D=64): B=4,S=512 causal 226 vs 249 ms, with a document mask 248 vs
@@ -59,16 +78,18 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, document_ids: Optional[
 
 
 def _reference(q: Tensor, k: Tensor, v: Tensor, causal: bool, document_ids: Optional[Tensor],
-               scale: Optional[float]) -> Tensor:
-    return reference_attention(q, k, v, causal=causal, document_ids=document_ids, scale=scale)[0]
+               kv_document_ids: Optional[Tensor], scale: Optional[float]) -> Tensor:
+    return reference_attention(q, k, v, causal=causal, document_ids=document_ids, kv_document_ids=kv_document_ids,
+                               scale=scale)[0]
 
 
 def _triton(q: Tensor, k: Tensor, v: Tensor, causal: bool, document_ids: Optional[Tensor],
-            scale: Optional[float]) -> Tensor:
+            kv_document_ids: Optional[Tensor], scale: Optional[float]) -> Tensor:
     # NOTE: the op ``torchtrain::flash_attention`` runs the Triton kernels on CUDA; on CPU it
     # runs them under the Triton interpreter when ``TRITON_INTERPRET=1`` is set before its
     # first call, and otherwise falls back to the reference (see ``kernels/attention/op.py``).
-    return flash_attention(q, k, v, causal=causal, document_ids=document_ids, scale=scale)[0]
+    return flash_attention(q, k, v, causal=causal, document_ids=document_ids, kv_document_ids=kv_document_ids,
+                           scale=scale)[0]
 
 
 BACKENDS: dict[str, AttentionBackend] = {
@@ -80,22 +101,28 @@ BACKENDS: dict[str, AttentionBackend] = {
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str, causal: bool = True,
-              document_ids: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+              document_ids: Optional[Tensor] = None, kv_document_ids: Optional[Tensor] = None,
+              scale: Optional[float] = None) -> Tensor:
     """Scaled dot-product attention through the named backend.
 
     Args:
-        q: queries ``[B, Hq, S, D]``.
-        k, v: keys and values ``[B, Hkv, S, D]``; ``Hq`` must be a multiple of ``Hkv``.
+        q: queries ``[B, Hq, Sq, D]``.
+        k, v: keys and values ``[B, Hkv, Skv, D]``; ``Hq`` must be a multiple of ``Hkv``. With
+            ``Sq < Skv`` the queries are the last ``Sq`` positions (bottom-right aligned).
         backend: a key of :data:`BACKENDS` (``"sdpa"``, ``"reference"``, ...).
         causal: mask future keys.
-        document_ids: optional ``[B, S]`` int tensor; tokens attend within their document.
+        document_ids: optional ``[B, Sq]`` int tensor; tokens attend within their document.
+        kv_document_ids: optional ``[B, Skv]`` int tensor, the keys' document ids; default
+            ``document_ids`` (then ``Sq`` must equal ``Skv``).
         scale: softmax scale, default ``D ** -0.5``.
 
     Returns:
-        ``[B, Hq, S, D]`` in the dtype of ``q``.
+        ``[B, Hq, Sq, D]`` in the dtype of ``q``.
     """
     try:
         fn = BACKENDS[backend]
     except KeyError:
         raise ValueError(f"unknown attention backend {backend!r}; valid choices: {sorted(BACKENDS)}") from None
-    return fn(q, k, v, causal, document_ids, scale)
+    if kv_document_ids is not None and document_ids is None:
+        raise ValueError("attention: kv_document_ids needs document_ids (the queries' ids) as well")
+    return fn(q, k, v, causal, document_ids, kv_document_ids, scale)

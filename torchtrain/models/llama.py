@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from torchtrain.loss import linear_cross_entropy_sum
 from torchtrain.models.attention import BACKENDS, attention
+from torchtrain.models.kv_cache import KVCache, LayerKVCache
 
 __all__ = ["RopeScaling", "ModelArgs", "Transformer", "TransformerBlock", "Attention", "FeedForward",
            "RMSNorm", "rope_tables", "apply_rope"]
@@ -236,7 +237,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.num_heads * self.head_dim, args.dim, bias=args.out_bias)
 
     def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor,
-                document_ids: Optional[Tensor] = None) -> Tensor:
+                document_ids: Optional[Tensor] = None, kv_cache: Optional[LayerKVCache] = None) -> Tensor:
         bsz, seq_len, dim = x.shape
         # NOTE: the projections read the tokens as one [B * S, dim] matrix: the same GEMMs, in the
         # form torch.compile's projection fusion matches (see parallel/compile.py). The head count
@@ -248,7 +249,16 @@ class Attention(nn.Module):
         v = self.wv(tokens).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
         q = apply_rope(q, rope_cos, rope_sin)
         k = apply_rope(k, rope_cos, rope_sin)
-        out = attention(q, k, v, backend=self.backend, causal=True, document_ids=document_ids)
+        causal = True
+        if kv_cache is not None:  # decoding: attend to every key cached so far, these tokens' included
+            k, v = kv_cache.update(k, v)
+            # NOTE: a one-token step sees every cached key, so it needs no mask; a longer chunk is a
+            # prefill into an empty cache (the cache refuses anything else), where causal is exact.
+            causal = seq_len > 1
+        # NOTE: parallel code may set ``attention_fn`` (same signature) on an instance: context
+        # parallelism attends the local queries to keys gathered from the other ranks (parallel/cp.py).
+        out = getattr(self, "attention_fn", attention)(q, k, v, backend=self.backend, causal=causal,
+                                                       document_ids=document_ids)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
 
     def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator]) -> None:
@@ -291,8 +301,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
     def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor,
-                document_ids: Optional[Tensor] = None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope_cos, rope_sin, document_ids)
+                document_ids: Optional[Tensor] = None, kv_cache: Optional[LayerKVCache] = None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope_cos, rope_sin, document_ids, kv_cache=kv_cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator]) -> None:
@@ -324,6 +334,10 @@ class Transformer(nn.Module):
       ``0 .. S-1``.
     * ``document_ids``: optional ``[B, S]`` int ids; a token only attends to earlier tokens
       of the same document.
+    * ``kv_cache``: optional :class:`~torchtrain.models.kv_cache.KVCache` for incremental
+      decoding (generation, not training): the tokens' keys and values are appended to it and
+      they attend to everything cached before them; ``positions`` default to the cache's fill
+      position onward.
 
     * ``labels``: optional ``[B, S]`` int64 next-token targets (``-100`` = ignored). When
       given, the model returns the summed token cross-entropy (an fp32 scalar, equal to
@@ -356,11 +370,20 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, tokens: Tensor, positions: Optional[Tensor] = None,
-                document_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Tensor:
+                document_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                kv_cache: Optional[KVCache] = None) -> Tensor:
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
+        if kv_cache is not None:
+            if document_ids is not None:
+                raise ValueError("document_ids cannot be combined with a kv_cache (decoding is one document)")
+            if positions is None:
+                positions = kv_cache.positions(h.shape[1], h.device)
         rope_cos, rope_sin = self._rope(h.shape[1], positions)
-        for layer in self.layers.values():
-            h = layer(h, rope_cos, rope_sin, document_ids)
+        for name, layer in self.layers.items():
+            # NOTE: the cache goes by keyword, so the positional inputs that parallel hooks see (tensor
+            # parallel's PrepareModuleInput counts them) are the training call's.
+            h = layer(h, rope_cos, rope_sin, document_ids,
+                      kv_cache=None if kv_cache is None else kv_cache.layers[name])
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:

@@ -1,4 +1,4 @@
-"""Parallelism applied from outside the model, in the order TP -> AC -> compile -> FSDP."""
+"""Parallelism applied from outside the model, in the order float8 -> TP -> CP -> AC -> compile -> FSDP."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torchtrain.config import Config
 from torchtrain.parallel.ac import apply_activation_checkpointing
 from torchtrain.parallel.compile import apply_compile
+from torchtrain.parallel.cp import apply_cp
+from torchtrain.parallel.float8 import apply_float8
 from torchtrain.parallel.fsdp import apply_fsdp
 from torchtrain.parallel.mesh import ParallelDims, build_mesh, check_layout, init_distributed
 from torchtrain.parallel.tp import apply_tp
@@ -26,13 +28,21 @@ def parallelize(model: nn.Module, config: Config, mesh: DeviceMesh, dims: Parall
     FSDP last, so it shards the (possibly tensor-parallel) parameters over the data-parallel
     ranks and its hooks wrap the compiled blocks.
     """
+    if config.float8.enabled:  # first: the parallel wrappers below then see the float8 modules and weights
+        apply_float8(model, config.float8)
     if dims.tp > 1:
         apply_tp(model, mesh["tp"])
-    apply_activation_checkpointing(model, config.activation_checkpoint.mode)
+    if dims.cp > 1:
+        apply_cp(model, mesh["cp"], config.parallelism.cp_rotate)
+    ac = config.activation_checkpoint
+    apply_activation_checkpointing(model, ac.mode, ac.num_layers, ac.offload)
     if config.compile.enabled:
-        apply_compile(model, config.compile.backend, device, fuse_projections=dims.tp == 1)
-    if dims.dp > 1 or config.parallelism.fsdp_cpu_offload:
-        apply_fsdp(model, mesh["dp_replicate", "dp_shard"], param_dtype,
+        # Fusing q/k/v (gate/up) into one GEMM needs plain weights: not under TP, nor float8's own matmuls.
+        apply_compile(model, config.compile.backend, device,
+                      fuse_projections=dims.tp == 1 and not config.float8.enabled)
+    if dims.dp_cp > 1 or config.parallelism.fsdp_cpu_offload:
+        # NOTE: over dp_shard x cp (see build_mesh): the cp ranks' gradients are summed by FSDP.
+        apply_fsdp(model, mesh["dp_replicate", "dp_shard_cp"], param_dtype,
                    config.parallelism.fsdp_reshard_after_forward, config.parallelism.fsdp_cpu_offload,
                    pipelined=dims.pp > 1)
     return model

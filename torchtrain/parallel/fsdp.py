@@ -1,4 +1,4 @@
-"""FSDP2 (fully_shard) over the data-parallel mesh dimensions: ZeRO-3 / ZeRO-2 sharding, or HSDP."""
+"""FSDP2 (fully_shard) over the data-parallel and context-parallel ranks: ZeRO-3 / ZeRO-2 sharding, or HSDP."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, 
                cpu_offload: bool, pipelined: bool) -> None:
     """Shard each block, then the root (embeddings, final norm, output) over ``dp_mesh``.
 
-    A 1-D mesh shards (FSDP); a 2-D (dp_replicate, dp_shard) mesh replicates across the first
-    dimension and shards across the second (HSDP). Parameters already sharded by tensor
+    A 1-D mesh shards (FSDP); a 2-D (dp_replicate, dp_shard_cp) mesh replicates across the first
+    dimension and shards across the second (HSDP). The trainer passes dp_shard x cp flattened as the
+    sharded dimension: context-parallel ranks hold the same parameters, and sharding over them too
+    makes FSDP's reduce-scatter sum their gradients (see ``mesh.build_mesh``). Parameters already sharded by tensor
     parallelism become 2-D (or 3-D) DTensors. Parameters are kept in fp32 and cast to
     ``param_dtype`` for compute; gradients are reduced in fp32.
 

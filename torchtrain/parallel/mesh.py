@@ -81,9 +81,13 @@ class ParallelDims:
         """Ranks that see different data."""
         return self.dp_replicate * self.dp_shard
 
+    @property
+    def dp_cp(self) -> int:
+        """Ranks that hold different tokens: the data-parallel ranks times the context-parallel ones."""
+        return self.dp * self.cp
 
-# Context parallelism plugs into the same mesh in a later version; every other dimension is applied.
-SUPPORTED_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+SUPPORTED_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 @dataclass(frozen=True)
 class PipelineSettings:
@@ -121,6 +125,8 @@ def check_layout(dims: ParallelDims, config: Config, model_args: ModelArgs) -> N
                 f"{source}: parallelism.tp = {dims.tp} is invalid with training.seq_len = "
                 f"{config.training.seq_len}: sequence parallelism splits the sequence across the tp ranks, so "
                 "tp must divide it")
+    if dims.cp > 1:
+        _check_cp(dims, config)
     if dims.pp > 1:
         # The pipeline module's own checks, run now rather than when the stages are built.
         try:
@@ -136,6 +142,30 @@ def check_layout(dims: ParallelDims, config: Config, model_args: ModelArgs) -> N
                 "1f1b / interleaved_1f1b")
 
 
+def _check_cp(dims: ParallelDims, config: Config) -> None:
+    """Context parallelism cuts each sequence into 2 * cp equal chunks (two per rank, load-balanced),
+    and sequence parallelism then splits a rank's share tp ways."""
+    source, seq_len = config.source, config.training.seq_len
+    if config.parallelism.cp_rotate != "allgather":
+        raise ConfigError(f"{source}: parallelism.cp_rotate = {config.parallelism.cp_rotate!r} is invalid; "
+                          "valid choices: 'allgather'")
+    if seq_len % (2 * dims.cp):
+        raise ConfigError(
+            f"{source}: parallelism.cp = {dims.cp} is invalid with training.seq_len = {seq_len}: context "
+            f"parallelism cuts each sequence into 2 * cp = {2 * dims.cp} equal chunks, so 2 * cp must divide "
+            f"the sequence length; valid cp: {_cp_sizes(seq_len, 1)}")
+    if dims.tp > 1 and seq_len % (2 * dims.cp * dims.tp):
+        raise ConfigError(
+            f"{source}: parallelism.cp = {dims.cp} with parallelism.tp = {dims.tp} is invalid with training.seq_len "
+            f"= {seq_len}: each cp rank holds seq_len / cp tokens, which sequence parallelism splits tp ways "
+            f"in two chunks, so 2 * cp * tp = {2 * dims.cp * dims.tp} must divide the sequence length; "
+            f"valid cp with tp = {dims.tp}: {_cp_sizes(seq_len, dims.tp)}")
+
+
+def _cp_sizes(seq_len: int, tp: int) -> list[int]:
+    return [cp for cp in range(1, seq_len // (2 * tp) + 1) if seq_len % (2 * cp * tp) == 0][:12]
+
+
 def _divisors_of_all(args: ModelArgs) -> list[int]:
     sizes = (args.num_heads, args.num_kv_heads, args.ffn_dim, args.vocab_size)
     return [d for d in range(1, args.num_kv_heads + 1) if all(size % d == 0 for size in sizes)]
@@ -144,8 +174,19 @@ def _divisors_of_all(args: ModelArgs) -> list[int]:
 def build_mesh(dims: ParallelDims, device: torch.device) -> tuple[DeviceMesh, DeviceMesh]:
     """The full named mesh, and its data-parallel ranks flattened into one "dp" mesh.
 
-    The "dp" mesh is what data loading and the loss reduction use: ranks that see different data.
+    The "dp" mesh is what data loading uses: ranks that see different data. Two more flattened
+    dimensions are registered on ``mesh`` for context parallelism (size ``dp`` and ``dp_shard``
+    when cp = 1):
+
+    * ``mesh["dp_cp"]`` (dp_replicate x dp_shard x cp): ranks that hold different tokens, over which
+      the loss and the count of valid tokens are summed;
+    * ``mesh["dp_shard_cp"]`` (dp_shard x cp): what FSDP shards over. NOTE: the cp ranks hold the
+      same parameters and compute gradients from different tokens, so those gradients must be
+      summed; sharding over dp_shard x cp does that in FSDP's reduce-scatter, and shards the
+      parameters cp times further for free.
     """
     mesh = init_device_mesh(device.type, dims.sizes, mesh_dim_names=MESH_DIMS)
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
     return mesh, dp_mesh

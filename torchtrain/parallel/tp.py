@@ -110,21 +110,22 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         model.output.weight = model.tok_embeddings.weight
 
     for block in model.layers.values():
+        colwise, rowwise, prepare_input = _styles(block)
         block_plan = {
             "attention_norm": SequenceParallel(),
             # The block calls attention(x, rope_cos, rope_sin, document_ids): only x is sharded; the
             # RoPE rows and document ids are plain full-sequence tensors on every rank.
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
-                                            desired_input_layouts=(Replicate(), None, None, None)),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            "attention": prepare_input(input_layouts=(Shard(1), None, None, None),
+                                       desired_input_layouts=(Replicate(), None, None, None)),
+            "attention.wq": colwise(),
+            "attention.wk": colwise(),
+            "attention.wv": colwise(),
+            "attention.wo": rowwise(output_layouts=Shard(1), use_local_output=False),
             "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            "feed_forward": prepare_input(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": colwise(),
+            "feed_forward.w3": colwise(),
+            "feed_forward.w2": rowwise(output_layouts=Shard(1), use_local_output=False),
         }
         # NOTE: PrepareModuleInput keeps the gathered input a Replicate DTensor (use_local_output=False)
         # so that in the backward the partial input-gradients of wq, wk and wv (w1 and w3) are summed
@@ -135,3 +136,22 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     logger.info("tensor parallel: tp=%d, sequence parallel, vocabulary-parallel output and loss "
                 "(%s, %d blocks)", tp, ", ".join(root_plan) or "no root modules", len(model.layers))
 
+
+
+def _styles(block: nn.Module) -> tuple[type, type, type]:
+    """The column-parallel, row-parallel and input-preparing styles for ``block``'s linear layers.
+
+    NOTE: a block converted to float8 (``parallel/float8.py``, tensorwise scaling) uses torchao's float8
+    styles: they cast an input to float8 once, with a scale from the whole (not the local) tensor, before
+    it is all-gathered (half the bytes of bf16), and do the same for the output gradients in the
+    backward, so every rank's float8 matmuls round exactly as one process's would.
+    """
+    if not all(type(m).__name__ == "Float8Linear" for m in block.modules() if isinstance(m, nn.Linear)):
+        return ColwiseParallel, RowwiseParallel, PrepareModuleInput
+    from torchao.float8.float8_tensor_parallel import (
+        Float8ColwiseParallel,
+        Float8RowwiseParallel,
+        PrepareFloat8ModuleInput,
+    )
+
+    return Float8ColwiseParallel, Float8RowwiseParallel, PrepareFloat8ModuleInput

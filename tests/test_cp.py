@@ -1,0 +1,116 @@
+"""Context parallelism: the load-balanced sharding, the layout checks, and parity with one process.
+
+The parity cases run in two torchrun launches (process start-up is the expensive part); the worker,
+tests/workers/cp_parity.py, says what each case compares. Each case prints ``ok CASE`` on rank 0
+only after its loss, logits and every gradient matched the single-process model.
+"""
+
+import torch
+import pytest
+
+from launcher import REPO, torchrun
+from torchtrain.config import Config, ConfigError, Parallelism, Training, validate
+from torchtrain.data import Batch
+from torchtrain.models import get_model_args
+from torchtrain.parallel.cp import apply_cp, chunk_indices, shard_batch, shard_sequence, unshard_sequence
+from torchtrain.parallel.mesh import ParallelDims, check_layout
+
+WORKER = REPO / "tests" / "workers" / "cp_parity.py"
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3, 4])
+def test_shard_then_unshard_is_the_identity(cp):
+    x = torch.arange(3 * 24 * 2).view(3, 24, 2)
+    shards = [shard_sequence(x, cp, rank) for rank in range(cp)]
+    assert all(s.shape == (3, 24 // cp, 2) for s in shards)
+    assert torch.equal(unshard_sequence(shards), x)
+    assert torch.equal(unshard_sequence([s.transpose(0, 1) for s in shards], dim=0), x.transpose(0, 1))
+
+
+def test_each_rank_holds_a_chunk_from_each_end():
+    # 2 * cp = 8 chunks of 2 positions: rank r holds chunks r and 7 - r, so every rank's causal
+    # attention work (keys up to the end of each of its chunks) is the same: (r + 1) + (8 - r) chunks.
+    positions = torch.arange(16)[None]
+    held = [shard_sequence(positions, 4, rank)[0].tolist() for rank in range(4)]
+    assert held == [[0, 1, 14, 15], [2, 3, 12, 13], [4, 5, 10, 11], [6, 7, 8, 9]]
+    assert {sum(i + 1 for i in chunk_indices(4, rank)) for rank in range(4)} == {9}
+
+
+def test_a_length_not_divisible_by_two_cp_is_refused():
+    with pytest.raises(ValueError, match=r"2 \* cp = 4 equal chunks, but its length is 10"):
+        shard_sequence(torch.zeros(1, 10), 2, 0)
+
+
+class _Mesh:
+    """What shard_batch asks of a 1-D cp mesh."""
+
+    def __init__(self, size, rank):
+        self._size, self._rank = size, rank
+
+    def size(self):
+        return self._size
+
+    def get_local_rank(self):
+        return self._rank
+
+
+@pytest.mark.parametrize("document_mask", [True, False])
+def test_shard_batch_cuts_every_tensor_alike_with_global_positions(document_mask):
+    tokens = torch.arange(2 * 8).view(2, 8)
+    document_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]] * 2)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]] * 2)
+    batch = Batch(tokens=tokens, labels=tokens + 100, document_ids=document_ids, positions=positions)
+    got = shard_batch(batch, _Mesh(2, 1), document_mask=document_mask)
+    held = [2, 3, 4, 5]  # rank 1 of 2: chunks 1 and 2 of 4
+    assert torch.equal(got.tokens, tokens[:, held]) and torch.equal(got.labels, tokens[:, held] + 100)
+    assert torch.equal(got.document_ids, document_ids[:, held])
+    # Restarting at each document with document masking; else the global positions 0 .. S-1.
+    expected = positions[:, held] if document_mask else torch.tensor([held] * 2)
+    assert torch.equal(got.positions, expected)
+
+
+def _layout(world_size: int, seq_len: int = 64, **settings) -> None:
+    config = Config(parallelism=Parallelism(**settings), training=Training(seq_len=seq_len))
+    config.source = "recipes/x.toml"
+    validate(config)
+    check_layout(ParallelDims.resolve(config.parallelism, world_size), config, get_model_args("debug"))
+
+
+def test_good_cp_layouts_are_accepted():
+    _layout(2, cp=2, dp_shard=1)
+    _layout(8, cp=2, tp=2, dp_shard=2)
+    _layout(8, cp=4, dp_replicate=2, dp_shard=1, seq_len=8)
+
+
+@pytest.mark.parametrize("world_size, settings, message", [
+    (2, dict(cp=2, seq_len=66), r"parallelism.cp = 2 is invalid with training.seq_len = 66: context parallelism "
+                                r"cuts each sequence into 2 \* cp = 4 equal chunks.*valid cp: \[1, 3, 11, 33\]"),
+    (4, dict(cp=2, tp=2, seq_len=36), r"parallelism.cp = 2 with parallelism.tp = 2 is invalid with "
+                                      r"training.seq_len = 36.*2 \* cp \* tp = 8.*valid cp with tp = 2: \[1, 3, 9\]"),
+    (2, dict(cp=2, cp_rotate="ring_attention"), r"parallelism.cp_rotate = 'ring_attention' is invalid; valid "
+                                                r"choices: 'allgather'"),
+])
+def test_bad_cp_layouts_name_the_key_and_the_valid_choices(world_size, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        _layout(world_size, **settings)
+
+
+def test_apply_cp_names_the_valid_rotate_methods():
+    with pytest.raises(ValueError, match=r"parallelism.cp_rotate = 'ring'.*valid choices: \('allgather',\)"):
+        apply_cp(torch.nn.Module(), None, rotate="ring")
+
+
+def _cases_passed(proc) -> list[str]:
+    return [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok ")]
+
+
+def test_cp2_matches_one_process():
+    cases = ("causal", "docs", "mha_docs", "op_docs", "compile")
+    proc = torchrun(2, WORKER, *cases)
+    assert _cases_passed(proc) == list(cases), proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_cp4_and_cp2_with_fsdp_and_tp_match_one_process():
+    cases = ("causal", "docs", "fsdp", "tp")
+    proc = torchrun(4, WORKER, *cases)
+    assert _cases_passed(proc) == list(cases), proc.stdout[-4000:] + proc.stderr[-4000:]
