@@ -151,7 +151,7 @@ def build_torchtrain(opts: dict):
     dp_group = dp_mesh.get_group()
 
     def step() -> float:
-        return train_step(parts, optimizer, [batch], config, dp_group, nullcontext())[0]
+        return train_step(parts, optimizer, [batch], config, dp_group, nullcontext())[0].item()
 
     return step, {"fused_adamw": bool(optimizer.defaults.get("fused"))}
 

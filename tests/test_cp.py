@@ -12,7 +12,9 @@ from launcher import REPO, torchrun
 from torchtrain.config import Config, ConfigError, Parallelism, Training, validate
 from torchtrain.data import Batch
 from torchtrain.models import get_model_args
-from torchtrain.parallel.cp import apply_cp, chunk_indices, shard_batch, shard_sequence, unshard_sequence
+from kernels.attention.reference import reference_attention
+from torchtrain.parallel.cp import (apply_cp, chunk_indices, merge_attention, shard_batch, shard_sequence,
+                                    unshard_sequence)
 from torchtrain.parallel.mesh import ParallelDims, check_layout
 
 WORKER = REPO / "tests" / "workers" / "cp_parity.py"
@@ -88,7 +90,7 @@ def test_good_cp_layouts_are_accepted():
     (4, dict(cp=2, tp=2, seq_len=36), r"parallelism.cp = 2 with parallelism.tp = 2 is invalid with "
                                       r"training.seq_len = 36.*2 \* cp \* tp = 8.*valid cp with tp = 2: \[1, 3, 9\]"),
     (2, dict(cp=2, cp_rotate="ring_attention"), r"parallelism.cp_rotate = 'ring_attention' is invalid; valid "
-                                                r"choices: 'allgather'"),
+                                                r"choices: 'allgather', 'ring'"),
 ])
 def test_bad_cp_layouts_name_the_key_and_the_valid_choices(world_size, settings, message):
     with pytest.raises(ConfigError, match=message):
@@ -96,8 +98,30 @@ def test_bad_cp_layouts_name_the_key_and_the_valid_choices(world_size, settings,
 
 
 def test_apply_cp_names_the_valid_rotate_methods():
-    with pytest.raises(ValueError, match=r"parallelism.cp_rotate = 'ring'.*valid choices: \('allgather',\)"):
-        apply_cp(torch.nn.Module(), None, rotate="ring")
+    with pytest.raises(ValueError, match=r"parallelism.cp_rotate = 'pass_q'.*valid choices: \('allgather', 'ring'\)"):
+        apply_cp(torch.nn.Module(), None, rotate="pass_q")
+
+
+def test_merging_partial_attention_over_disjoint_keys_is_attention_over_all():
+    # What the ring does: attention to the keys in pieces, merged by the log-sum-exp rule. Row 0 of
+    # the queries sees no key at all (out 0, lse -inf, no NaN); row 1 sees keys of the second piece only.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    visible = torch.rand(2, 4, 6, 12, generator=g) < 0.6
+    visible[:, :, 0] = False
+    visible[:, :, 1, :5] = False
+    visible[:, :, 1, 7] = True
+    expected_out, expected_lse = reference_attention(q, k.repeat(1, 1, 2, 1), v.repeat(1, 1, 2, 1), causal=False,
+                                                     mask=visible)
+    pieces = [reference_attention(q, k[:, :, keys], v[:, :, keys], causal=False, mask=visible[..., cut])
+              for keys, cut in ((slice(0, 5), slice(0, 5)), (slice(5, 6), slice(5, 6)), (slice(0, 6), slice(6, 12)))]
+    out, lse = pieces[0]
+    for piece in pieces[1:]:
+        out, lse = merge_attention(out, lse, *piece)
+    assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0])) and bool((lse[:, :, 0] == float("-inf")).all())
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-12, atol=1e-12)
 
 
 def _cases_passed(proc) -> list[str]:
@@ -105,12 +129,12 @@ def _cases_passed(proc) -> list[str]:
 
 
 def test_cp2_matches_one_process():
-    cases = ("causal", "docs", "mha_docs", "op_docs", "compile")
+    cases = ("causal", "docs", "mha_docs", "op_docs", "compile", "ring_causal", "ring_docs", "ring_compile")
     proc = torchrun(2, WORKER, *cases)
     assert _cases_passed(proc) == list(cases), proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
 def test_cp4_and_cp2_with_fsdp_and_tp_match_one_process():
-    cases = ("causal", "docs", "fsdp", "tp")
+    cases = ("causal", "docs", "fsdp", "tp", "ring_causal", "ring_docs", "ring_fsdp")
     proc = torchrun(4, WORKER, *cases)
     assert _cases_passed(proc) == list(cases), proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -46,3 +46,19 @@ def test_lr_schedule_state_round_trip():
     second = LRSchedule(build_optimizer(model, Optimizer(lr=1.0), torch.device("cpu")), config, 10)
     second.load_state_dict(first.state_dict())
     assert second.last_lr() == first.last_lr() == pytest.approx(lr_factor(5, 10, config))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_non_finite_step_is_not_applied(fused):
+    from torchtrain.optim import step_unless_non_finite
+
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=fused)
+    param.grad = torch.full((4,), float("nan"))
+    step_unless_non_finite(optimizer, torch.tensor(False))
+    assert torch.equal(param.detach(), torch.ones(4))
+    assert not optimizer.state[param] or optimizer.state[param]["step"].item() == 0  # nor counted as a step
+    param.grad = torch.ones(4)
+    step_unless_non_finite(optimizer, torch.tensor(True))
+    assert optimizer.state[param]["step"].item() == 1
+    torch.testing.assert_close(param.detach(), torch.full((4,), 1 - 0.1 - 0.1 * 0.01 * 1))  # sign step + decay

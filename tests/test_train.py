@@ -163,3 +163,10 @@ def test_full_activation_checkpointing_matches_none(tmp_path):
     recomputed = run(tmp_path / "full", *common, "--activation_checkpoint.mode", "full")
     for step in plain.losses:
         assert recomputed.losses[step] == pytest.approx(plain.losses[step], rel=1e-6), step
+
+
+def test_losses_read_from_the_device_only_at_log_steps_are_all_recorded(tmp_path):
+    every_step = run(tmp_path / "every", "--checkpoint.enabled", "false", "--training.val_every", "0")
+    every_fourth = run(tmp_path / "fourth", "--checkpoint.enabled", "false", "--training.val_every", "0",
+                       "--metrics.log_every", "4")
+    assert every_fourth.losses == every_step.losses and every_fourth.grad_norms == every_step.grad_norms

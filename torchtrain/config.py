@@ -125,7 +125,9 @@ class Parallelism:
     # (2 * cp * tp with tensor parallelism). See docs/parallelism.md.
     cp: int = 1
     # How context parallel attention gets the other ranks' keys/values: "allgather" (one all-gather
-    # of K/V per block, gradients reduce-scattered; the only method so far).
+    # of K/V per block, gradients reduce-scattered: holds the whole sequence's K/V) or "ring" (each
+    # rank's K/V passed around the cp ring, partial results merged by log-sum-exp: holds two shares,
+    # for sequences whose gathered K/V would not fit). See docs/parallelism.md.
     cp_rotate: str = "allgather"
     # What FSDP does with a block's gathered parameters after its forward. "always" frees them and
     # gathers again for the backward: parameters, gradients and optimizer state all sharded, like
@@ -221,7 +223,7 @@ CHOICES = {
     ("compile", "backend"): ("inductor", "aot_eager", "eager"),
     ("activation_checkpoint", "mode"): ("none", "full", "selective", "layers"),
     ("parallelism", "fsdp_reshard_after_forward"): ("default", "always", "never"),
-    ("parallelism", "cp_rotate"): ("allgather",),
+    ("parallelism", "cp_rotate"): ("allgather", "ring"),
     ("parallelism", "pp_schedule"): ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"),
     ("checkpoint", "async_mode"): ("disabled", "async"),
     ("float8", "recipe"): ("tensorwise", "rowwise", "rowwise_with_gw_hp"),

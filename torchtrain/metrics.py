@@ -88,6 +88,30 @@ class ThroughputMeter:
         return figures
 
 
+class StepScalars:
+    """Each step's loss and gradient norm, kept on the device until a step that needs their values.
+
+    NOTE: reading a device value makes the host wait for all the work queued before it. The training
+    loop reads these only at its log, validation and checkpoint steps, all pending steps in one
+    device-to-host copy; in between, the host queues step after step without waiting.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self._pending.append((step, torch.stack([loss.float(), grad_norm.float()])))
+
+    def read(self) -> dict[int, tuple[float, float]]:
+        """``{step: (loss, grad_norm)}`` of every step added since the last read, oldest first."""
+        if not self._pending:
+            return {}
+        values = torch.stack([pair for _, pair in self._pending]).tolist()
+        steps = [step for step, _ in self._pending]
+        self._pending.clear()
+        return {step: (loss, norm) for step, (loss, norm) in zip(steps, values)}
+
+
 class MetricsLogger:
     """One console line per log step, and the same numbers as TensorBoard scalars (rank 0 only)."""
 

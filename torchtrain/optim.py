@@ -25,6 +25,23 @@ def build_optimizer(model: nn.Module, config: Optimizer, device: torch.device) -
     return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=fused)
 
 
+def step_unless_non_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """Apply ``optimizer.step()`` only if ``finite`` (a 0-d bool tensor on the device) is true.
+
+    NOTE: the fused AdamW honours the ``found_inf`` tensor of the gradient-scaler protocol: it skips the
+    update (and the step count) on the device, so the host never waits for the loss or the gradient
+    norm and can queue the next step's work at once. Other optimizers must read ``finite`` (one sync).
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif finite.item():
+        optimizer.step()
+
+
 def lr_factor(step: int, total_steps: int, config: LRScheduler) -> float:
     """Multiplier of the peak LR at optimizer step ``step`` (0-based): linear warmup, then decay.
 

@@ -25,9 +25,10 @@ from torch.distributed.tensor import DTensor
 from torchtrain.checkpoint import CheckpointManager, IntState, ModelAndOptimizer, RNGState, model_record
 from torchtrain.config import HF_MODEL, Config, ConfigError, load_config, parse_args
 from torchtrain.data import Batch, TokenLoader, build_datasets
-from torchtrain.metrics import MetricsLogger, ThroughputMeter, device_peak_flops, peak_memory_bytes
+from torchtrain.metrics import MetricsLogger, StepScalars, ThroughputMeter, device_peak_flops, peak_memory_bytes
 from torchtrain.models import ModelArgs, Transformer, get_model_args
-from torchtrain.optim import LRSchedule, build_optimizer
+from torchtrain.loss import IGNORE_INDEX
+from torchtrain.optim import LRSchedule, build_optimizer, step_unless_non_finite
 from torchtrain.parallel import ParallelDims, build_mesh, check_layout, init_distributed, parallelize
 from torchtrain.parallel.ac import check_activation_checkpoint
 from torchtrain.parallel.float8 import after_optimizer_step, check_float8_support
@@ -132,25 +133,22 @@ def _train(config: Config, device: torch.device) -> TrainResult:
     metrics = MetricsLogger(output_dir / "tb", enabled=rank == 0 and config.metrics.tensorboard)
     result = TrainResult({}, {}, {}, output_dir)
     batches = iter(train_loader)
+    scalars = StepScalars()
     profiler = StepProfiler(config.profiling, output_dir, rank, device)
     profiler.start(start_step + 1)
     try:
         for step in range(start_step + 1, config.training.steps + 1):
+            is_last = step == config.training.steps
+            logs = step % config.metrics.log_every == 0 or is_last
+            validates = config.training.val_every and (step % config.training.val_every == 0 or is_last)
+            saves = checkpoints and (is_last or (config.checkpoint.every and step % config.checkpoint.every == 0))
             started = time.perf_counter()
             with profiler.step(step):
-                microbatches = [shard_for_cp(next(batches).to(device))
+                microbatches = [shard_for_cp(to_device(next(batches), device))
                                 for _ in range(config.training.grad_accum_steps)]
-                loss, grad_norm = train_step(parts, optimizer, microbatches, config, loss_group, autocast)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                if checkpoints:
-                    checkpoints.wait()  # a background save of an earlier, finite step is still good
-                last = checkpoints.latest() if checkpoints else None
-                raise TrainingDiverged(
-                    f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite, so training stopped "
-                    f"before the optimizer applied it. The last good checkpoint is "
-                    f"{last[1] if last else '(none saved yet)'}; try a lower optimizer.lr or more "
-                    f"lr_scheduler.warmup_steps, then resume from it with --checkpoint.resume true."
-                )
+                scalars.add(step, *train_step(parts, optimizer, microbatches, config, loss_group, autocast))
+                if logs or validates or saves:  # the one wait for the device, inside the timed step
+                    record_scalars(scalars.read(), result, checkpoints)
             lr = lr_schedule.last_lr()
             lr_schedule.step()
             state["step"].obj.step = step
@@ -158,25 +156,22 @@ def _train(config: Config, device: torch.device) -> TrainResult:
             # parallel rank's microbatches already hold only its 1/cp share of them.
             meter.add(sum(b.tokens.numel() for b in microbatches) / (dims.tp * dims.pp),
                       time.perf_counter() - started)
-            result.losses[step] = loss
-            result.grad_norms[step] = grad_norm
 
             figures = {}
-            if step % config.metrics.log_every == 0 or step == config.training.steps:
-                figures = {"loss/train": loss, "optim/lr": lr, "optim/grad_norm": grad_norm,
+            if logs:
+                figures = {"loss/train": result.losses[step], "optim/lr": lr,
+                           "optim/grad_norm": result.grad_norms[step],
                            "memory/peak_gib": peak_memory_bytes(device) / 2**30, **meter.read(step)}
                 if checkpoints and checkpoints.last_blocked_s:  # how long the latest save held training up
                     figures["checkpoint/blocked_s"] = checkpoints.last_blocked_s
-            if config.training.val_every and (step % config.training.val_every == 0
-                                              or step == config.training.steps):
+            if validates:
                 val_loss = evaluate(parts, val_loader(), config.training.val_batches, config, loss_group, device,
                                     autocast, shard_for_cp)
                 result.val_losses[step] = val_loss
                 figures.update({"loss/val": val_loss, "loss/val_perplexity": math.exp(min(val_loss, 50.0))})
             if figures:
                 metrics.log(step, config.training.steps, figures)
-            if checkpoints and (step == config.training.steps
-                                or (config.checkpoint.every and step % config.checkpoint.every == 0)):
+            if saves:
                 checkpoints.save(step, state)
         if checkpoints:
             checkpoints.close()  # commit a background save before reporting the run done
@@ -264,19 +259,43 @@ def uses_fsdp(config: Config, dims: ParallelDims) -> bool:
     return dims.dp_cp > 1 or config.parallelism.fsdp_cpu_offload
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """``batch`` on ``device``; to a GPU from page-locked memory, so the copy does not wait for the host."""
+    return (batch.pin_memory() if device.type == "cuda" else batch).to(device, non_blocking=True)
+
+
+def record_scalars(values: dict[int, tuple[float, float]], result: TrainResult, checkpoints) -> None:
+    """Store the steps' losses and gradient norms; raise TrainingDiverged at the first that is not finite.
+
+    A step with a non-finite loss or gradient norm was never applied (``optim.step_unless_non_finite``),
+    and every checkpoint is saved after this check, so the last one saved is still good.
+    """
+    for step, (loss, norm) in values.items():
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            if checkpoints:
+                checkpoints.wait()  # a background save of an earlier, finite step is still good
+            last = checkpoints.latest() if checkpoints else None
+            raise TrainingDiverged(
+                f"step {step}: loss {loss} / gradient norm {norm} is not finite, so the optimizer did not apply "
+                f"it and training stopped. The last good checkpoint is {last[1] if last else '(none saved yet)'}; "
+                "try a lower optimizer.lr or more lr_scheduler.warmup_steps, then resume from it with "
+                "--checkpoint.resume true.")
+        result.losses[step], result.grad_norms[step] = loss, norm
+
+
 def train_step(parts: ModelParts, optimizer: torch.optim.Optimizer, microbatches: list[Batch], config: Config,
-               loss_group: dist.ProcessGroup, autocast) -> tuple[float, float]:
-    """Forward and backward every microbatch, clip, and step. Returns (global loss, grad norm).
+               loss_group: dist.ProcessGroup, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward every microbatch, clip, and step. Returns (global loss, grad norm) as 0-d
+    tensors on the device: nothing here waits for the device (see ``optim.step_unless_non_finite``).
 
     The loss is the sum of token losses divided by the number of valid tokens in the whole global
     batch (all microbatches on all data-parallel ranks, and context-parallel ranks: ``loss_group``),
     so accumulation and data parallelism give exactly the gradient of one big batch, however the
-    valid tokens are spread.
+    valid tokens are spread. A step whose loss or gradient norm is not finite is not applied.
     """
-    device = microbatches[0].tokens.device
-    num_valid = torch.tensor(sum(b.num_valid_tokens() for b in microbatches), device=device, dtype=torch.float32)
+    num_valid = sum(valid_tokens(b) for b in microbatches).float()
     dist.all_reduce(num_valid, group=loss_group)
-    total = torch.zeros((), device=device)
+    total = torch.zeros((), device=num_valid.device)
     for batch in microbatches:
         with autocast:
             if parts.pipeline is not None:
@@ -295,12 +314,16 @@ def train_step(parts: ModelParts, optimizer: torch.optim.Optimizer, microbatches
     dist.all_reduce(total, group=loss_group)
     if parts.pipeline is not None:  # the last stage's ranks hold the loss; give it to every rank
         dist.all_reduce(total, group=pipeline_group(parts))
-    loss, norm = (total / num_valid).item(), grad_norm.item()
-    if math.isfinite(loss) and math.isfinite(norm):
-        optimizer.step()
-        after_optimizer_step(parts.model, config.float8)
+    loss = total / num_valid
+    step_unless_non_finite(optimizer, torch.isfinite(loss) & torch.isfinite(grad_norm))
+    after_optimizer_step(parts.model, config.float8)
     optimizer.zero_grad(set_to_none=True)
-    return loss, norm
+    return loss, grad_norm
+
+
+def valid_tokens(batch: Batch) -> torch.Tensor:
+    """The batch's tokens that count in the loss, as a tensor where the labels are (no host sync)."""
+    return (batch.labels != IGNORE_INDEX).sum()
 
 
 def pipeline_group(parts: ModelParts) -> Optional[dist.ProcessGroup]:
@@ -360,7 +383,7 @@ def evaluate(parts: ModelParts, loader: TokenLoader, num_batches: int, config: C
                 loss_sum = parts.stages[0](batch.tokens, labels=batch.labels, **attention_inputs(batch, config))
         if loss_sum is not None:
             totals[0] += loss_sum
-        totals[1] += batch.num_valid_tokens()
+        totals[1] += valid_tokens(batch)
     dist.all_reduce(totals, group=loss_group)
     if parts.pipeline is not None:  # only the last stage's ranks summed losses; counts are the same everywhere
         losses = totals[:1].clone()

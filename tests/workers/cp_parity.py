@@ -12,7 +12,10 @@ runs it on the whole batch; the context-parallel model runs each rank's load-bal
 * ``compile``: ``docs`` with every block compiled (fullgraph, aot_eager): the all-gathers trace;
 * ``fsdp`` (4 ranks: dp_shard 2 x cp 2) and ``tp`` (4 ranks: tp 2 x cp 2): the trainer's own
   ``build_mesh`` + ``parallelize`` + ``init_weights``, so FSDP shards over dp_shard x cp and sums the
-  cp ranks' gradients itself; the data-parallel ranks read different samples.
+  cp ranks' gradients itself; the data-parallel ranks read different samples;
+* ``ring_CASE`` (``ring_causal``, ``ring_docs``, ``ring_compile``, ``ring_fsdp``): CASE with
+  ``cp_rotate = "ring"``, the keys and values passed around the ring instead of all-gathered
+  (``ring_compile``: the ring op inside the compiled blocks).
 
 Rank 0 prints one ``ok CASE ...`` line per case; any mismatch raises.
 """
@@ -108,16 +111,17 @@ def reference_run(args, tokens, labels, kwargs):
 def check_cp_alone(case: str) -> None:
     """cp over every rank, apply_cp on a copy of the reference; gradients summed over the cp ranks by hand."""
     cp, rank = dist.get_world_size(), dist.get_rank()
-    docs = case != "causal"
-    args = model_args(case)
+    base = case.removeprefix("ring_")
+    docs = base != "causal"
+    args = model_args(base)
     tokens, labels, positions, document_ids = global_batch(2, args.vocab_size, docs)
     reference, expected_loss, expected_logits = reference_run(args, tokens, labels,
                                                               model_kwargs(positions, document_ids, docs))
 
     model = Transformer(args)
     model.init_weights(seed=0)
-    apply_cp(model, init_device_mesh("cpu", (cp,), mesh_dim_names=("cp",)))
-    if case == "compile":
+    apply_cp(model, init_device_mesh("cpu", (cp,), mesh_dim_names=("cp",)), "ring" if base != case else "allgather")
+    if base == "compile":
         assert apply_compile(model, "aot_eager", torch.device("cpu"))
     local_tokens, local_labels, kwargs = shard_inputs(cp, rank, tokens, labels, positions, document_ids, docs)
     num_valid = (labels != IGNORE_INDEX).sum()  # the global count, as the trainer all-reduces it
@@ -138,7 +142,8 @@ def check_cp_alone(case: str) -> None:
 
 def check_with_trainer_layout(case: str) -> None:
     """dp_shard 2 x cp 2 ("fsdp") or tp 2 x cp 2 ("tp") through build_mesh / parallelize / init_weights."""
-    layout = {"fsdp": Parallelism(dp_shard=2, cp=2), "tp": Parallelism(dp_shard=1, cp=2, tp=2)}[case]
+    layout = {"fsdp": Parallelism(dp_shard=2, cp=2), "tp": Parallelism(dp_shard=1, cp=2, tp=2),
+              "ring_fsdp": Parallelism(dp_shard=2, cp=2, cp_rotate="ring")}[case]
     config = Config(parallelism=layout, compile=Compile(enabled=False), data=Data(document_mask=True))
     dims = ParallelDims.resolve(config.parallelism, dist.get_world_size())
     mesh, dp_mesh = build_mesh(dims, torch.device("cpu"))
@@ -175,7 +180,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     for case in sys.argv[1:]:
-        if case in ("fsdp", "tp"):
+        if case in ("fsdp", "tp", "ring_fsdp"):
             check_with_trainer_layout(case)
         else:
             check_cp_alone(case)

@@ -33,7 +33,6 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Activati
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-import kernels.attention.op  # noqa: F401 - registers torch.ops.torchtrain.flash_attention
 from torchtrain.config import Config, ConfigError
 
 __all__ = ["MODES", "apply_activation_checkpointing", "check_activation_checkpoint", "checkpointed_blocks",
@@ -57,8 +56,10 @@ _SAVED_OPS = {
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
     _aten._scaled_dot_product_efficient_attention.default,
     _aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops.torchtrain.flash_attention.default,
 }
+# Our own ops (namespace "torchtrain") are attention: the flash-attention op and context parallelism's
+# ring attention, whose recomputation would also send the keys and values around the ring again.
+_SAVED_NAMESPACES = ("_c10d_functional", "torchtrain")
 
 
 def selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
@@ -73,7 +74,7 @@ def selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkpoint
     projections need for their weight gradients anyway; the price is that output held for the whole
     sequence rather than this rank's 1/tp of it.
     """
-    if op in _SAVED_OPS or getattr(op, "namespace", None) == "_c10d_functional":
+    if op in _SAVED_OPS or getattr(op, "namespace", None) in _SAVED_NAMESPACES:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

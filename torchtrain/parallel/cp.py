@@ -1,10 +1,18 @@
 """Context parallelism: each sequence split across the ``cp`` ranks, attention over all of it.
 
 Every block but attention works token by token, so the cp ranks simply hold different tokens of
-the same sequences (and the same parameters). Attention is the one place a token needs the others:
-each rank all-gathers the keys and values of its cp group (the gradients flow back as a
-reduce-scatter) and attends its own queries to them, with global positions and document ids so the
-causal and document masks are exactly the single-process ones.
+the same sequences (and the same parameters). Attention is the one place a token needs the others,
+and there are two ways to bring the keys and values to the queries (``parallelism.cp_rotate``):
+
+* ``"allgather"`` (:class:`ContextParallelAttention`): each rank all-gathers the keys and values of
+  its cp group (the gradients flow back as a reduce-scatter) and attends its own queries to them;
+* ``"ring"`` (:class:`RingAttention`): each rank keeps only its own share and passes it around the
+  cp ring, one step per rank, merging the partial results with the log-sum-exp rule; the backward
+  passes the keys and values around again together with their accumulating gradients. It never
+  holds the whole sequence's keys and values, and autograd saves only the local ones.
+
+Both use global positions and document ids, so the causal and document masks are exactly the
+single-process ones.
 
 Load balancing: the sequence is cut into ``2 * cp`` equal chunks and rank ``r`` holds chunks ``r``
 and ``2 * cp - 1 - r``. Under a causal mask a query of chunk ``c`` sees ``c + 1`` chunks of keys, so
@@ -35,20 +43,22 @@ from functools import partial
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from kernels.attention import flash_attention
 from torchtrain.data import Batch
 from torchtrain.models.attention import attention
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ROTATE_METHODS", "apply_cp", "chunk_indices", "shard_sequence", "unshard_sequence", "shard_batch",
-           "batch_sharder", "ContextParallelAttention"]
+           "batch_sharder", "ContextParallelAttention", "RingAttention", "merge_attention"]
 
 # How the keys and values reach every rank; the recipe's ``parallelism.cp_rotate``.
-ROTATE_METHODS = ("allgather",)
+ROTATE_METHODS = ("allgather", "ring")
 
 
 def chunk_indices(cp: int, rank: int) -> tuple[int, int]:
@@ -137,19 +147,216 @@ class ContextParallelAttention:
         return torch.cat(outs, dim=2)
 
 
+def merge_attention(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention over two disjoint sets of keys, from the results over each: ``(out, lse)``.
+
+    ``out`` ``[B, H, S, D]`` and ``lse`` ``[B, H, S]`` are one partial result, ``block_out`` and
+    ``block_lse`` the other. The log-sum-exp rule: ``lse = logaddexp(lse, block_lse)`` and ``out =
+    exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b``, computed and returned in fp32 (fp64 for
+    fp64 inputs). A row that sees no key in either (``lse = -inf`` in both) gives out 0 and lse
+    ``-inf``, not NaN.
+    """
+    dtype = torch.promote_types(torch.promote_types(lse.dtype, block_lse.dtype), torch.float32)
+    lse, block_lse = lse.to(dtype), block_lse.to(dtype)
+    merged = torch.logaddexp(lse, block_lse)
+    # NOTE: -inf - -inf is NaN; shifting an empty row by 0 instead gives weights exp(-inf) = 0.
+    shift = merged.masked_fill(merged == float("-inf"), 0.0)
+    out = (torch.exp(lse - shift).unsqueeze(-1) * out.to(dtype)
+           + torch.exp(block_lse - shift).unsqueeze(-1) * block_out.to(dtype))
+    return out, merged
+
+
+def _block_mask(query_chunk: int, key_chunk: int, causal: bool) -> Optional[bool]:
+    """How a chunk of queries attends to a chunk of keys: None (skip: all in its future), True (the
+    causal diagonal: the same chunk) or False (full: every key before it, or no causal mask)."""
+    if not causal:
+        return False
+    if key_chunk > query_chunk:
+        return None
+    return key_chunk == query_chunk
+
+
+def _ring_blocks(cp: int, rank: int, step: int, causal: bool):
+    """The attention blocks of ``step``: ``(query half, key half, causal)`` for this rank's two query
+    chunks against the two key chunks it holds at that step (those of rank ``rank - step``)."""
+    source = (rank - step) % cp
+    for q_half, q_chunk in enumerate(chunk_indices(cp, rank)):
+        for k_half, k_chunk in enumerate(chunk_indices(cp, source)):
+            block_causal = _block_mask(q_chunk, k_chunk, causal)
+            if block_causal is not None:
+                yield q_half, k_half, block_causal
+
+
+def _ring_pass(tensors: list[Tensor], group: dist.ProcessGroup) -> tuple[list[Tensor], list]:
+    """Post the sends of ``tensors`` to the next rank of the ring and the receives of the previous
+    rank's into new buffers; returns the buffers and the requests to wait on before reading them."""
+    cp, rank = group.size(), group.rank()
+    received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), group=group, group_peer=(rank + 1) % cp) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=(rank - 1) % cp) for t in received]
+    return received, dist.batch_isend_irecv(ops)
+
+
+def _wait(requests: list) -> None:
+    for request in requests:
+        request.wait()
+
+
+def _half(t: Optional[Tensor], half: int, dim: int) -> Optional[Tensor]:
+    return None if t is None else t.narrow(dim, half * (t.shape[dim] // 2), t.shape[dim] // 2)
+
+
+@torch.library.custom_op("torchtrain::ring_attention", mutates_args=())
+def _ring_attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Optional[Tensor], causal: bool, scale: float,
+                    group_name: str) -> tuple[Tensor, Tensor]:
+    """This rank's ``(out, lse)``: its queries against every rank's keys, passed around the ring."""
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    cp, rank = group.size(), group.rank()
+    merged: list[Optional[tuple[Tensor, Tensor]]] = [None, None]  # (out fp32, lse) per local query chunk
+    held = [torch.stack([k, v])] + ([] if document_ids is None else [document_ids])  # those of rank - step
+    for step in range(cp):
+        # Overlap: the next share travels while this one is computed on.
+        incoming, requests = _ring_pass(held, group) if step + 1 < cp else (None, [])
+        kv, kv_ids = held[0], held[1] if len(held) > 1 else None
+        for q_half, k_half, block_causal in _ring_blocks(cp, rank, step, causal):
+            out, lse = flash_attention(
+                _half(q, q_half, 2), _half(kv[0], k_half, 2), _half(kv[1], k_half, 2), causal=block_causal,
+                document_ids=_half(document_ids, q_half, 1), kv_document_ids=_half(kv_ids, k_half, 1), scale=scale)
+            merged[q_half] = ((out.float(), lse) if merged[q_half] is None
+                              else merge_attention(*merged[q_half], out, lse))
+        _wait(requests)
+        held = incoming
+    # Every query chunk saw its own (diagonal) block at step 0, so both halves are set.
+    return (torch.cat([merged[0][0], merged[1][0]], dim=2).to(q.dtype),
+            torch.cat([merged[0][1], merged[1][1]], dim=2).contiguous())
+
+
+@_ring_attention.register_fake
+def _(q, k, v, document_ids, causal, scale, group_name):
+    batch, num_heads, seq_len, _ = q.shape
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(batch, num_heads, seq_len, dtype=torch.float32))
+
+
+@torch.library.custom_op("torchtrain::ring_attention_backward", mutates_args=())
+def _ring_attention_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                             lse: Tensor, document_ids: Optional[Tensor], causal: bool, scale: float,
+                             group_name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` of :func:`_ring_attention`: the keys and values go around the ring again, and
+    with them the gradients of those keys and values, accumulated by every rank they pass."""
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    cp, rank = group.size(), group.rank()
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    held = [torch.stack([k, v])] + ([] if document_ids is None else [document_ids])
+    arriving: Optional[tuple[list[Tensor], list]] = None  # d(K, V) of the held share from the ranks before
+    for step in range(cp):
+        incoming, requests = _ring_pass(held, group) if step + 1 < cp else (None, [])
+        kv, kv_ids = held[0], held[1] if len(held) > 1 else None
+        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+        for q_half, k_half, block_causal in _ring_blocks(cp, rank, step, causal):
+            # NOTE: with the merged (global) out and lse every block's backward is exact:
+            # P = exp(S - lse) is the global softmax restricted to the block, delta = rowsum(dO * O) - dlse.
+            dq_block, dk_block, dv_block = torch.ops.torchtrain.flash_attention_backward(
+                _half(dout, q_half, 2), _half(dlse, q_half, 2), _half(q, q_half, 2), _half(kv[0], k_half, 2),
+                _half(kv[1], k_half, 2), _half(out, q_half, 2), _half(lse, q_half, 2),
+                _half(document_ids, q_half, 1), _half(kv_ids, k_half, 1), block_causal, 0, scale)
+            _half(dq, q_half, 2).add_(dq_block)
+            _half(dkv[0], k_half, 2).add_(dk_block)
+            _half(dkv[1], k_half, 2).add_(dv_block)
+        if arriving is not None:
+            _wait(arriving[1])
+            dkv += arriving[0][0]
+        # NOTE: sent in fp32: the gradient of a share is a sum over cp ranks, rounded once at its owner.
+        arriving = _ring_pass([dkv], group)
+        _wait(requests)
+        held = incoming
+    # After cp steps the accumulated gradients of this rank's own keys and values have come home.
+    _wait(arriving[1])
+    dk, dv = arriving[0][0]
+    # (copies: an op's outputs may not be views of one tensor)
+    return dq.to(q.dtype), dk.to(k.dtype, copy=True), dv.to(v.dtype, copy=True)
+
+
+@_ring_attention_backward.register_fake
+def _(dout, dlse, q, k, v, out, lse, document_ids, causal, scale, group_name):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _ring_setup_context(ctx, inputs, output):
+    q, k, v, document_ids, causal, scale, group_name = inputs
+    ctx.save_for_backward(q, k, v, *output, document_ids)
+    ctx.causal, ctx.scale, ctx.group_name = causal, scale, group_name
+
+
+def _ring_backward(ctx, dout, dlse):
+    q, k, v, out, lse, document_ids = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _ring_attention_backward(dout, dlse, q, k, v, out, lse, document_ids, ctx.causal, ctx.scale,
+                                          ctx.group_name)
+    return dq, dk, dv, None, None, None, None
+
+
+_ring_attention.register_autograd(_ring_backward, setup_context=_ring_setup_context)
+
+
+class RingAttention:
+    """Drop-in for :func:`torchtrain.models.attention.attention` on one cp rank (K/V passed around the ring).
+
+    Same contract as :class:`ContextParallelAttention`. At step ``i`` (``0 .. cp-1``) rank ``r`` holds
+    the keys, values and key document ids of rank ``r - i`` (the next share already in flight) and
+    attends each of its two query chunks to each of the two key chunks held: skipped if the key
+    chunk comes after the query chunk, causal if it is the same chunk, full if it comes before.
+    The partial results are merged with :func:`merge_attention`.
+
+    NOTE (op): the ring runs inside the custom ops ``torchtrain::ring_attention`` and
+    ``torchtrain::ring_attention_backward`` (an autograd formula registered like the attention op's),
+    not in a ``torch.autograd.Function`` around Python P2P calls: torch.compile compiles each block
+    with ``fullgraph=True`` and cannot trace ``batch_isend_irecv``, while an op is one opaque node
+    in the graph (its fake implementation gives the shapes) that runs eagerly. The process group
+    goes in by name, the one argument type an op can carry for it.
+
+    NOTE (backward): a hand-written ring backward rather than autograd through each step: autograd
+    would save every step's keys and values (the whole sequence's, as with the all-gather) and
+    every partial output. Here autograd saves only the local q, k, v, the merged out and lse; the
+    backward passes the keys and values around again, each rank adding the gradient of its
+    queries' blocks to the travelling fp32 dK/dV, which arrive back at their owner after cp steps.
+
+    NOTE (backend): every block goes through the attention op ``torchtrain::flash_attention``
+    (Triton on GPU, the reference on CPU) whatever ``ModelArgs.attention`` says: the merge needs
+    each block's log-sum-exp, which SDPA does not return.
+    """
+
+    def __init__(self, cp_mesh: DeviceMesh):
+        self.cp_mesh = cp_mesh
+        self.group_name = cp_mesh.get_group().group_name
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, backend: str, causal: bool = True,
+                 document_ids: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"ring attention expects this rank's share of one sequence for queries and keys alike, "
+                             f"got {q.shape[2]} queries and {k.shape[2]} keys (a KV cache is not supported under "
+                             "context parallelism)")
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return torch.ops.torchtrain.ring_attention(q, k, v, document_ids, causal, scale, self.group_name)[0]
+
+
 def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, rotate: str = "allgather") -> None:
     """Make every attention module of ``model`` (a Transformer or a pipeline stage) context parallel.
 
-    Sets ``attention_fn`` on each block's ``Attention`` (nothing else of the model changes); apply
-    before activation checkpointing and ``torch.compile`` (the compiled graph then contains the
-    all-gathers). The caller feeds each cp rank its :func:`shard_batch` share, always with positions.
+    Sets ``attention_fn`` on each block's ``Attention`` (nothing else of the model changes) to
+    :class:`ContextParallelAttention` (``rotate="allgather"``) or :class:`RingAttention` (``"ring"``);
+    apply before activation checkpointing and ``torch.compile`` (the compiled graph then contains the
+    all-gathers, or the ring op). The caller feeds each cp rank its :func:`shard_batch` share, always
+    with positions.
     """
     if rotate not in ROTATE_METHODS:
         raise ValueError(f"parallelism.cp_rotate = {rotate!r} is not available; valid choices: {ROTATE_METHODS}")
     if cp_mesh.ndim != 1:
         raise ValueError(f"apply_cp needs a 1-D context-parallel mesh, got {cp_mesh.ndim}-D {cp_mesh}")
+    attention_fn = RingAttention(cp_mesh) if rotate == "ring" else ContextParallelAttention(cp_mesh)
     for block in model.layers.values():
-        block.attention.attention_fn = ContextParallelAttention(cp_mesh)
+        block.attention.attention_fn = attention_fn
     logger.info("context parallel: cp=%d, load-balanced chunks, K/V %s (%d blocks)", cp_mesh.size(), rotate,
                 len(model.layers))
 

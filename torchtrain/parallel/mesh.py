@@ -146,9 +146,9 @@ def _check_cp(dims: ParallelDims, config: Config) -> None:
     """Context parallelism cuts each sequence into 2 * cp equal chunks (two per rank, load-balanced),
     and sequence parallelism then splits a rank's share tp ways."""
     source, seq_len = config.source, config.training.seq_len
-    if config.parallelism.cp_rotate != "allgather":
+    if config.parallelism.cp_rotate not in ("allgather", "ring"):
         raise ConfigError(f"{source}: parallelism.cp_rotate = {config.parallelism.cp_rotate!r} is invalid; "
-                          "valid choices: 'allgather'")
+                          "valid choices: 'allgather', 'ring'")
     if seq_len % (2 * dims.cp):
         raise ConfigError(
             f"{source}: parallelism.cp = {dims.cp} is invalid with training.seq_len = {seq_len}: context "
