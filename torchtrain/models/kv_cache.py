@@ -7,10 +7,9 @@ It is threaded through ``Transformer.forward(tokens, kv_cache=cache)`` down to
 and attends to everything cached so far; the Transformer gives the new tokens the RoPE positions
 ``length .. length + n - 1``. Without a cache (training), none of this runs.
 
-Supported today: a prefill of the prompt into an empty cache, then one token per call. Appending
-several tokens to a non-empty cache would need the causal mask aligned to the end of the keys
-(query ``i`` of ``n`` sees keys ``<= length + i``); ``attention`` aligns it to the start when the
-query and key lengths differ, so that case raises instead of silently attending wrongly.
+Any number of tokens may be appended per call (a whole prompt, a prompt in chunks, one token at a
+time): with fewer queries than keys, ``attention`` aligns the causal mask to the last key, so query
+``i`` of ``n`` new tokens sees the cached keys and the new ones up to ``length + i``.
 """
 
 from __future__ import annotations
@@ -33,10 +32,6 @@ class LayerKVCache:
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append ``k``/``v`` ``[B, Hkv, n, D]``; return every cached key and value, ``[B, Hkv, length, D]``."""
         start, end = self.length, self.length + k.shape[2]
-        if start > 0 and k.shape[2] > 1:
-            raise NotImplementedError(
-                f"appending {k.shape[2]} tokens to a KV cache already holding {start}: only a prefill into "
-                "an empty cache or one token at a time is supported")
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache is full: {start} positions cached + {k.shape[2]} new > max_len "
                              f"{self.k.shape[2]}")

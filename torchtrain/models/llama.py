@@ -235,6 +235,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.num_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.num_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.num_heads * self.head_dim, args.dim, bias=args.out_bias)
+        # NOTE: parallel code may replace this (same signature): context parallelism attends the local
+        # queries to the keys and values of the whole sequence (parallel/cp.py).
+        self.attention_fn = attention
 
     def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor,
                 document_ids: Optional[Tensor] = None, kv_cache: Optional[LayerKVCache] = None) -> Tensor:
@@ -249,16 +252,11 @@ class Attention(nn.Module):
         v = self.wv(tokens).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
         q = apply_rope(q, rope_cos, rope_sin)
         k = apply_rope(k, rope_cos, rope_sin)
-        causal = True
-        if kv_cache is not None:  # decoding: attend to every key cached so far, these tokens' included
+        if kv_cache is not None:
+            # Decoding: these tokens attend to every key cached so far and to each other causally (with
+            # fewer queries than keys, the causal mask is aligned to the last query: see models/attention.py).
             k, v = kv_cache.update(k, v)
-            # NOTE: a one-token step sees every cached key, so it needs no mask; a longer chunk is a
-            # prefill into an empty cache (the cache refuses anything else), where causal is exact.
-            causal = seq_len > 1
-        # NOTE: parallel code may set ``attention_fn`` (same signature) on an instance: context
-        # parallelism attends the local queries to keys gathered from the other ranks (parallel/cp.py).
-        out = getattr(self, "attention_fn", attention)(q, k, v, backend=self.backend, causal=causal,
-                                                       document_ids=document_ids)
+        out = self.attention_fn(q, k, v, backend=self.backend, causal=True, document_ids=document_ids)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
 
     def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator]) -> None:
