@@ -305,6 +305,7 @@ def test_debug_model_trains_the_same_with_triton_and_reference():
         torch.testing.assert_close(p, runs["reference"][1][name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@in_process
 @pytest.mark.parametrize("backend", ["sdpa", "reference", "triton"])
 def test_every_model_backend_takes_fewer_queries_and_key_document_ids(backend):
     # The model-facing attention(): SDPA needs an explicit bottom-right causal / document mask here.
