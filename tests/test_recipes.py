@@ -1,6 +1,6 @@
 """Every shipped recipe, and the published baseline layouts, build at their real world size.
 
-The dry check (``torchtrain.plan``) runs the trainer's own mesh, pipeline split, tensor parallel
+The dry check (``python -m torchtrain.plan --check``, ``torchtrain.plan.check_recipe``) runs the trainer's own mesh, pipeline split, tensor parallel
 and FSDP code for one rank of each pipeline stage under a fake process group, on the meta device.
 """
 
@@ -53,7 +53,7 @@ def test_a_layout_that_does_not_fit_the_world_size_is_refused():
 def test_the_plan_command_prints_each_stage(capsys):
     from torchtrain.plan import main
 
-    main(["--config", str(Path(__file__).resolve().parent.parent / "recipes/debug.toml"), "--ngpu", "8",
+    main(["--check", "--config", str(Path(__file__).resolve().parent.parent / "recipes/debug.toml"), "--ngpu", "8",
           "--parallelism.pp", "2", "--parallelism.tp", "2", "--parallelism.pp_schedule", "interleaved_1f1b",
           "--parallelism.pp_layers_per_stage", "[1, 1, 1, 1]"])
     out = capsys.readouterr().out

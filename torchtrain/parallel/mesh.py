@@ -63,13 +63,6 @@ class ParallelDims:
                 f"{math.prod(dims.sizes)}, but {world_size} processes were launched; make the product equal "
                 "the world size (dp_shard = -1 takes whatever is left)"
             )
-        unsupported = {name: size for name, size in zip(MESH_DIMS, dims.sizes)
-                       if size > 1 and name not in SUPPORTED_DIMS}
-        if unsupported:
-            raise ConfigError(
-                f"{source}: parallelism {unsupported} is not available in this version of torchtrain; "
-                f"the dimensions that can be larger than 1 are: {', '.join(SUPPORTED_DIMS)}"
-            )
         return dims
 
     @property
@@ -86,8 +79,6 @@ class ParallelDims:
         """Ranks that hold different tokens: the data-parallel ranks times the context-parallel ones."""
         return self.dp * self.cp
 
-
-SUPPORTED_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 @dataclass(frozen=True)
 class PipelineSettings:

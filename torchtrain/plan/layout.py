@@ -1,27 +1,23 @@
-"""Check a recipe's parallel layout at its real world size, on a CPU, without the GPUs.
+"""The dry layout check: build every pipeline stage's share of the model on the meta device.
 
-    python -m torchtrain.plan --config recipes/llama2_70b_2k.toml [--ngpu N] [--section.key value ...]
-
-For each pipeline rank, one process plays the first rank of that pipeline stage under a fake
-process group of the full world size: it resolves the mesh, builds the real model on the meta
-device, splits it into that rank's stages and applies the real tensor parallel, activation
-checkpointing and FSDP code to it, then reports the parameters the rank holds. Nothing is
-allocated and nothing communicates, so a 70B model at 128 ranks is checked in seconds.
+For each pipeline rank, one process plays the first rank of that stage under a fake process group
+of the full world size: it resolves the mesh, builds the real model on the meta device, splits it
+into that rank's stages and applies the real tensor parallel, activation checkpointing and FSDP
+code to it, then reports the parameters the rank holds. Nothing is allocated and nothing runs, so
+a 70B model at 128 ranks is checked in seconds; :mod:`torchtrain.plan.planner` goes further and
+runs a step.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from torchtrain.config import Config, ConfigError, load_config, parse_args
+from torchtrain.config import Config, ConfigError
 from torchtrain.parallel import ParallelDims, build_mesh, check_layout
-from torchtrain.parallel.mesh import MESH_DIMS, pipeline_settings
 
 
 @dataclasses.dataclass
@@ -72,29 +68,3 @@ def stage_layers(stage: torch.nn.Module) -> str:
     ends = ("embed " if stage.tok_embeddings is not None else "") + (
         f"blocks {min(keys)}-{max(keys)}" if keys else "no blocks") + (" + output" if stage.output is not None else "")
     return ends
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ngpu", type=int, default=None, help="world size (default: the recipe's sizes multiplied)")
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    try:
-        config = load_config(*parse_args(rest))
-        world_size = world_size_of(config, args.ngpu)
-        reports = check_recipe(config, world_size)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    dims = ParallelDims.resolve(config.parallelism, world_size, config.source)
-    layout = " x ".join(f"{name} {size}" for name, size in zip(MESH_DIMS, dims.sizes) if size > 1) or "1 rank"
-    print(f"{config.source}: {config.model.name} on {world_size} ranks: {layout}")
-    if dims.pp > 1:
-        pipe = pipeline_settings(config, dims)
-        print(f"pipeline: {pipe.schedule}, {pipe.num_stages} stages, {pipe.num_microbatches} microbatches")
-    for r in reports:
-        print(f"  rank {r.rank:>5}: {r.stages:<40} {r.num_params / 1e9:8.3f} B parameters "
-              f"({r.num_params * 4 / 2**30:.1f} GiB fp32)")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,3 @@
+from torchtrain.plan import main
+
+main()
