@@ -21,8 +21,7 @@ from torchtrain.data import Batch
 from torchtrain.optim import build_optimizer
 from torchtrain.parallel import ParallelDims, build_mesh, init_distributed
 from torchtrain.plan.cli import planning_config
-from torchtrain.plan.fake_step import Target, known_tensors, track_optimizer_state
-from torchtrain.plan.tracker import MemoryTracker
+from torchtrain.plan.fake_step import Target, model_state_tracker
 from torchtrain.train import build_model, model_args_for, train_step
 
 RECIPE = "recipes/debug.toml"
@@ -53,13 +52,7 @@ def measure(overrides: list[str]) -> dict:
                                seed=dist.get_rank() * 100 + i) for i in range(config.training.grad_accum_steps)]
     # The second step is measured: AdamW's moments then exist through the forward and backward.
     train_step(parts, optimizer, batches, config, loss_group(mesh, dp_mesh), contextlib.nullcontext())
-    tracker = MemoryTracker(lambda: known_tensors(parts))
-    for p in parts.model.parameters():
-        tracker.track(p, "parameters")
-    track_optimizer_state(tracker, optimizer)
-    for stage in parts.stages:
-        for b in stage.buffers():
-            tracker.track(b, "parameters")
+    tracker = model_state_tracker(parts, optimizer)
     for buffer in pipeline_receive_buffers(parts.pipeline):
         tracker.track(buffer, "communication buffers")
     with tracker:

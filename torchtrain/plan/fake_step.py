@@ -181,7 +181,8 @@ def _measure(config, model_args, dims, mesh, parts, rank, target, device) -> Ran
 
     for stage in parts.stages:
         stage.to_empty(device=device)
-        stage.init_weights(seed=config.job.seed) if not _is_fake(stage) else _reset_rope(stage)
+        if not _is_fake(stage):  # a fake stage has no values to draw; its shapes are all a plan needs
+            stage.init_weights(seed=config.job.seed)
     optimizer = build_optimizer(parts.model, config.optimizer, device)
     fsdp = uses_fsdp(config, dims)
     autocast = (torch.autocast(device.type, dtype=target.param_dtype)
@@ -193,14 +194,8 @@ def _measure(config, model_args, dims, mesh, parts, rank, target, device) -> Ran
     hidden_dtype = target.param_dtype if fsdp else torch.float32  # autocast keeps the residual stream fp32
 
     _create_optimizer_state(parts.model, optimizer)
-    tracker = MemoryTracker(lambda: known_tensors(parts))
+    tracker = model_state_tracker(parts, optimizer)
     counter = StepCounter(_group_labels(mesh, dims))
-    for p in parts.model.parameters():
-        tracker.track(p, "parameters")
-    track_optimizer_state(tracker, optimizer)
-    for stage in parts.stages:
-        for b in stage.buffers():
-            tracker.track(b, "parameters")
 
     deferred = fsdp and dims.pp > 1  # the schedule reduces gradients once, after every microbatch
     # NOTE: with more than one microbatch per step (pipelining or accumulation) every backward but
@@ -254,6 +249,22 @@ def _create_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optim
     optimizer.zero_grad(set_to_none=True)
 
 
+def model_state_tracker(parts, optimizer: torch.optim.Optimizer) -> MemoryTracker:
+    """A tracker with the model's parameters and buffers and the optimizer's state filed.
+
+    The planner's fake step and the real runs it is checked against (tests/workers/plan_memory.py)
+    both start from this, so they classify memory alike.
+    """
+    tracker = MemoryTracker(lambda: known_tensors(parts))
+    for p in parts.model.parameters():
+        tracker.track(p, "parameters")
+    track_optimizer_state(tracker, optimizer)
+    for stage in parts.stages:
+        for b in stage.buffers():
+            tracker.track(b, "parameters")
+    return tracker
+
+
 def track_optimizer_state(tracker: MemoryTracker, optimizer: torch.optim.Optimizer) -> None:
     for state in optimizer.state.values():
         for value in state.values():
@@ -267,10 +278,6 @@ def _is_fake(module: torch.nn.Module) -> bool:
     p = next(module.parameters(), None)
     local = p.to_local() if isinstance(p, DTensor) else p
     return isinstance(local, FakeTensor)
-
-
-def _reset_rope(stage: torch.nn.Module) -> None:
-    """The RoPE tables are plain buffers; to_empty left them uninitialised, which a fake run does not mind."""
 
 
 def known_tensors(parts):
