@@ -23,6 +23,7 @@ conversion with ``emulate=True`` (float8 rounding emulated in high precision), o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -76,19 +77,11 @@ def apply_float8(model: nn.Module, settings: Float8, emulate: bool = False) -> N
     if settings.recipe == "tensorwise":
         config = Float8LinearConfig(enable_fsdp_float8_all_gather=settings.fsdp_float8_all_gather, emulate=emulate)
     else:
-        config = Float8LinearConfig.from_recipe_name(settings.recipe)
-        if emulate:
-            config = _with_emulation(config)
+        config = dataclasses.replace(Float8LinearConfig.from_recipe_name(settings.recipe), emulate=emulate)
     convert_to_float8_training(model, module_filter_fn=_convertible, config=config)
     converted = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
     logger.info("float8: %s scaling, %d linear layers converted%s", settings.recipe, converted,
                 ", float8 FSDP all-gather" if config.enable_fsdp_float8_all_gather else "")
-
-
-def _with_emulation(config):
-    import dataclasses
-
-    return dataclasses.replace(config, emulate=True)
 
 
 def after_optimizer_step(model: nn.Module, settings: Float8) -> None:
