@@ -10,7 +10,7 @@ Llama-2-7B / Llama-3-8B attention shape, hidden size 4096, i.e. the models this 
 with ``--gqa`` 8 key/value heads as in Llama-3-8B), sequence lengths 2k, 4k, 8k, 16k and 32k with
 the tokens per batch held at 32k (B * S = 32768, so 32k runs with batch 1):
 
-* ``torchtrain``: ``kernels.attention.flash_attention`` (op ``torchtrain::flash_attention``);
+* ``torchtrain``: ``torchtrain.kernels.attention.flash_attention`` (op ``torchtrain::flash_attention``);
 * ``sdpa-flash``: ``F.scaled_dot_product_attention(is_causal=True)`` under
   ``sdpa_kernel([SDPBackend.FLASH_ATTENTION])``;
 * ``sdpa-cudnn``: the same under ``sdpa_kernel([SDPBackend.CUDNN_ATTENTION])``;
@@ -115,7 +115,7 @@ def make_backend(name: str, gqa: bool, seq_len: int, device: str):
     import torch.nn.functional as F
 
     if name == "torchtrain":
-        from kernels.attention import flash_attention
+        from torchtrain.kernels.attention import flash_attention
 
         return lambda q, k, v: flash_attention(q, k, v, causal=True)[0]
     if name.startswith("sdpa-"):
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
               "or --smoke for a tiny CPU run", file=sys.stderr)
         return 2
     sys.path.insert(0, str(REPO))
-    from kernels.attention import op
+    from torchtrain.kernels.attention import op
 
     cfg = settings(a)
     if a.smoke and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):

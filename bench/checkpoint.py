@@ -153,7 +153,7 @@ def build(opts: argparse.Namespace):
     args.max_seq_len = max(args.max_seq_len, opts.seq_len)
     init_distributed(device)
     dims = ParallelDims.resolve(config.parallelism, 1)
-    mesh, dp_mesh = build_mesh(dims, device)
+    mesh = build_mesh(dims, device)
     parts = build_model(args, config, mesh, dims, device, torch.float32)
     optimizer = build_optimizer(parts.model, config.optimizer, device)
     lr_schedule = LRSchedule(optimizer, config.lr_scheduler, 1000)
@@ -162,7 +162,7 @@ def build(opts: argparse.Namespace):
     batch = Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(),
                   torch.zeros((opts.batch_size, opts.seq_len), dtype=torch.int32),
                   torch.arange(opts.seq_len).expand(opts.batch_size, -1).contiguous())
-    dp_group = dp_mesh.get_group()
+    dp_group = mesh.dp.get_group()
     counter = StepCounter()
 
     class _Data:  # the loader's position, as the trainer stores it

@@ -141,14 +141,14 @@ def build_torchtrain(opts: dict):
     config.compile.enabled = opts["compile"]
     init_distributed(device)
     dims = ParallelDims.resolve(config.parallelism, 1)
-    mesh, dp_mesh = build_mesh(dims, device)
+    mesh = build_mesh(dims, device)
     args = model_args_for(config, device)
     parts = build_model(args, config, mesh, dims, device, torch.float32)  # meta -> parallelize -> to_empty -> init
     optimizer = build_optimizer(parts.model, config.optimizer, device)
     tokens, labels = _random_batch(opts["seq_len"], opts["batch_size"], args.vocab_size)
     batch = Batch(tokens, labels, torch.zeros_like(tokens, dtype=torch.int32),
                   torch.arange(opts["seq_len"]).expand_as(tokens).contiguous())
-    dp_group = dp_mesh.get_group()
+    dp_group = mesh.dp.get_group()
 
     def step() -> float:
         return train_step(parts, optimizer, [batch], config, dp_group, nullcontext())[0].item()

@@ -80,7 +80,7 @@ def run_config(model: dict, seq_len: int, tokens_per_step: int, precision: str, 
                                attention="triton" if device.type == "cuda" else "sdpa")
     init_distributed(device)
     dims = ParallelDims.resolve(config.parallelism, 1)
-    mesh, dp_mesh = build_mesh(dims, device)
+    mesh = build_mesh(dims, device)
     param_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[resolve_dtype(config, device)]
     parts = build_model(args, config, mesh, dims, device, param_dtype)
     optimizer = build_optimizer(parts.model, config.optimizer, device)
@@ -99,14 +99,14 @@ def run_config(model: dict, seq_len: int, tokens_per_step: int, precision: str, 
 
     started = time.perf_counter()
     for _ in range(warmup):
-        train_step(parts, optimizer, [batch], config, dp_mesh.get_group(), autocast)
+        train_step(parts, optimizer, [batch], config, mesh.dp.get_group(), autocast)
     synchronize()
     warmup_s = time.perf_counter() - started
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     for _ in range(steps):
-        loss, _ = train_step(parts, optimizer, [batch], config, dp_mesh.get_group(), autocast)
+        loss, _ = train_step(parts, optimizer, [batch], config, mesh.dp.get_group(), autocast)
     synchronize()
     seconds = (time.perf_counter() - started) / steps
     tokens_per_s = batch_size * seq_len / seconds

@@ -1,4 +1,4 @@
-"""The published baseline runs (../shared/baselines.md) as plans: memory and predicted tokens/s.
+"""The published baseline runs (docs/baselines.md) as plans: memory and predicted tokens/s.
 
     python bench/plan_baselines.py [--rows NAME ...] [--no-search] [--max-measured K]
                                    [--long-context NAME ...] [--out bench/results/plan_baselines.json]

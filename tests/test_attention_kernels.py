@@ -1,11 +1,11 @@
 """The Triton attention kernels (``torchtrain::flash_attention``) under the Triton interpreter, on CPU.
 
-Oracle: ``kernels.attention.reference`` in fp64. Shapes stay small (the interpreter runs each
+Oracle: ``torchtrain.kernels.attention.reference`` in fp64. Shapes stay small (the interpreter runs each
 program in numpy): S <= 256, a few heads, head dims 16-64, fp32 and fp16 only (the
 interpreter's bf16 is not trustworthy).
 
 NOTE: ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates: triton.language's own
-helpers when ``triton`` is first imported, our kernels when ``kernels.attention.triton_kernels``
+helpers when ``triton`` is first imported, our kernels when ``torchtrain.kernels.attention.triton_kernels``
 is. So the variable is set at the very top of this module, before anything imports triton (the
 op and the model import neither until the first kernel call). If triton was nevertheless
 imported compiled earlier in this process (another test module, a plugin), the in-process tests
@@ -27,8 +27,8 @@ triton = pytest.importorskip("triton")
 
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from kernels.attention import flash_attention, op, reference_attention  # noqa: E402
-from kernels.attention.reference import reference_attention_backward  # noqa: E402
+from torchtrain.kernels.attention import flash_attention, op, reference_attention  # noqa: E402
+from torchtrain.kernels.attention.reference import reference_attention_backward  # noqa: E402
 
 IN_PROCESS = not isinstance(triton.language.zeros, JITFunction)  # triton was imported for the interpreter
 if IN_PROCESS:

@@ -6,7 +6,8 @@ import pytest
 
 from torchtrain.config import Config, ConfigError, load_config, parse_args
 
-RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.toml"))
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = sorted(REPO.joinpath("recipes").glob("*.toml"))
 
 
 def write(tmp_path, text: str) -> Path:
@@ -83,8 +84,6 @@ def test_invalid_values(tmp_path):
         load_config(None, ["--data.val_fraction", "1.5"])
     with pytest.raises(ConfigError, match=r"optimizer\.betas"):
         load_config(None, ["--optimizer.betas", "[0.9]"])
-    with pytest.raises(ConfigError, match=r"warmup_steps.*training\.steps"):
-        load_config(None, ["--training.steps", "5", "--lr_scheduler.warmup_steps", "6"])
 
 
 def test_unknown_model_name_lists_choices():
@@ -135,3 +134,17 @@ def test_longer_context_than_the_model_needs_model_max_seq_len():
                                   "--model.rope_theta", "500000"])
     args = model_args_for(config, torch.device("cpu"))
     assert (args.max_seq_len, args.rope_theta) == (8192, 500000.0)
+
+
+def test_shipped_recipes_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for given in ("debug", "debug.toml", "recipes/debug.toml"):
+        config = load_config(given)
+        assert Path(config.source).resolve() == (REPO / "recipes/debug.toml").resolve() and config.job.name == "debug"
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes/debug.toml").write_text('[job]\nname = "mine"\n')
+    assert load_config("recipes/debug.toml").job.name == "mine"  # a file that exists is always the one read
+    with pytest.raises(ConfigError, match=r"recipe 'nope.toml' does not exist.*debug, internlm_7b_2k"):
+        load_config("nope.toml")
+    with pytest.raises(ConfigError, match=r"recipe 'elsewhere/debug.toml' does not exist"):
+        load_config("elsewhere/debug.toml")

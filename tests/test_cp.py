@@ -12,7 +12,7 @@ from launcher import REPO, torchrun
 from torchtrain.config import Config, ConfigError, Parallelism, Training, validate
 from torchtrain.data import Batch
 from torchtrain.models import get_model_args
-from kernels.attention.reference import reference_attention
+from torchtrain.kernels.attention.reference import reference_attention
 from torchtrain.parallel.cp import (apply_cp, chunk_indices, merge_attention, shard_batch, shard_sequence,
                                     unshard_sequence)
 from torchtrain.parallel.mesh import ParallelDims, check_layout

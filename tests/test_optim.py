@@ -37,6 +37,13 @@ def test_schedules_warm_up_then_reach_the_floor(name):
         assert factors[10 + 89 // 2] == pytest.approx(0.55, abs=0.01)  # half-way between peak and floor
 
 
+def test_a_run_shorter_than_its_warmup_warms_up_over_all_of_it(caplog):
+    config = LRScheduler(name="cosine", warmup_steps=15)
+    assert [lr_factor(s, 3, config) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    LRSchedule(build_optimizer(torch.nn.Linear(2, 2), Optimizer(lr=1.0), torch.device("cpu")), config, 3)
+    assert "warmup_steps 15 is longer than the run's 3 steps" in caplog.text
+
+
 def test_lr_schedule_state_round_trip():
     model = torch.nn.Linear(2, 2)
     config = LRScheduler(name="cosine", warmup_steps=2)

@@ -9,9 +9,13 @@ key and what is allowed, before any model is built.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import io
 import json
+import textwrap
+import tokenize
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -73,8 +77,8 @@ class Training:
 class Optimizer:
     name: str = "adamw"  # only AdamW for now
     lr: float = 3e-4  # peak learning rate
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's moment decay rates
+    eps: float = 1e-8  # added to AdamW's denominator
     weight_decay: float = 0.1  # not applied to norms, biases and embeddings
     fused: str = "auto"  # "auto" (fused kernel where the device has one), "yes", "no"
 
@@ -82,14 +86,14 @@ class Optimizer:
 @dataclass
 class LRScheduler:
     name: str = "cosine"  # "cosine", "linear" or "wsd" (warmup-stable-decay); all start with a linear warmup
-    warmup_steps: int = 10
+    warmup_steps: int = 10  # steps of linear warmup from 0 to optimizer.lr
     decay_fraction: float = 0.2  # wsd only: the final fraction of steps that decays
     min_lr_ratio: float = 0.1  # the LR at the end, as a fraction of the peak
 
 
 @dataclass
 class Checkpoint:
-    enabled: bool = True
+    enabled: bool = True  # save checkpoints
     folder: str = "checkpoints"  # under job.output_dir
     every: int = 500  # save every N steps (and at the end); 0 saves only at the end
     keep_last: int = 2  # older checkpoints are deleted; 0 keeps all
@@ -109,7 +113,7 @@ class Metrics:
 @dataclass
 class Compile:
     enabled: bool = True  # torch.compile each transformer block
-    backend: str = "inductor"
+    backend: str = "inductor"  # "inductor" (generated kernels), "aot_eager" or "eager" (for debugging compile)
 
 
 @dataclass
@@ -165,7 +169,7 @@ class ActivationCheckpoint:
 class Float8:
     """Float8 matmuls in the blocks' linear layers (torchao); GPUs of compute capability >= 8.9 only."""
 
-    enabled: bool = False
+    enabled: bool = False  # use float8 matmuls
     # "tensorwise" (one scale per tensor, fastest), "rowwise" (one per row, more accurate) or
     # "rowwise_with_gw_hp" (rowwise, with the weight gradient in high precision).
     recipe: str = "tensorwise"
@@ -234,13 +238,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a recipe, apply ``--section.key value`` overrides, validate, and return the Config."""
     config = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            recipes = sorted(p.name for p in Path("recipes").glob("*.toml")) if Path("recipes").is_dir() else []
-            raise ConfigError(
-                f"recipe {str(path)!r} does not exist. Pass --config with a TOML recipe file"
-                + (f"; the recipes here are: {', '.join('recipes/' + r for r in recipes)}." if recipes else ".")
-            )
+        path = find_recipe(path)
         config.source = str(path)
         try:
             tables = tomllib.loads(path.read_text())
@@ -257,6 +255,54 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         _set(_section(config, section_name, where), section_name, key, text, where, from_text=True)
     validate(config)
     return config
+
+
+# The recipes/ folder, installed with the package (a link to it in a checkout).
+PACKAGED_RECIPES = Path(__file__).parent / "recipes"
+
+
+def find_recipe(path: str | Path) -> Path:
+    """The recipe file ``path``, or else the packaged recipe of that name: ``recipes/debug.toml``,
+    ``debug.toml`` and ``debug`` all find the recipes that come with torchtrain from any directory."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    packaged = PACKAGED_RECIPES / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    if not path.is_absolute() and path.parent in (Path("."), Path("recipes")) and packaged.is_file():
+        return packaged
+    names = sorted(p.stem for p in PACKAGED_RECIPES.glob("*.toml"))
+    raise ConfigError(f"recipe {str(path)!r} does not exist. Pass --config with a TOML recipe file, or the name of "
+                      f"a recipe that comes with torchtrain: {', '.join(names)}")
+
+
+def recipe_help() -> str:
+    """Every section and key with its default and the comment that documents it in this file, for ``--help``.
+
+    Read from this module's source, so the documentation of a key is written once, beside its field."""
+    source = Path(__file__).read_text()
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    classes = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}
+    defaults = Config()
+    out = ["Recipe keys: a recipe sets them in [section] tables, the command line as --section.key value.", ""]
+    for section in _sections():
+        node = classes[type(getattr(defaults, section.name)).__name__]
+        doc = ast.get_docstring(node)
+        out.append(f"[{section.name}]" + (f"  {doc}" if doc else ""))
+        for item in node.body:
+            if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+                continue
+            above, row = [], item.lineno - 1  # the comment block right above the field, then the one beside it
+            while row >= 1 and lines[row - 1].lstrip().startswith("#"):
+                above.insert(0, comments[row])
+                row -= 1
+            text = " ".join(above + [comments.get(item.lineno, "")]).strip()
+            default = _toml_value(getattr(getattr(defaults, section.name), item.target.id))
+            out.append(f"  {item.target.id} = {default}")
+            out += textwrap.wrap(text, 100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        out.append("")
+    return "\n".join(out)
 
 
 def validate(config: Config) -> None:
@@ -295,8 +341,6 @@ def validate(config: Config) -> None:
         fail("optimizer", "lr", "it must be positive")
     if len(config.optimizer.betas) != 2 or not all(0 <= b < 1 for b in config.optimizer.betas):
         fail("optimizer", "betas", "it must be two numbers in [0, 1), e.g. [0.9, 0.95]")
-    if config.lr_scheduler.warmup_steps > config.training.steps:
-        fail("lr_scheduler", "warmup_steps", f"it must not exceed training.steps ({config.training.steps})")
     if config.data.val_fraction == 0 and config.training.val_every > 0:
         fail("training", "val_every", "validation needs held-out data: set data.val_fraction > 0 or val_every = 0")
     if not config.job.output_dir:

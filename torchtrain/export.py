@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from torchtrain.config import ConfigError, load_config
+from torchtrain.config import ConfigError, load_config, recipe_help
 from torchtrain.hf_checkpoint import export_hf, read_dcp_model_state
 from torchtrain.train import model_args_for
 
@@ -38,7 +38,8 @@ def recipe_tokenizer(config) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m torchtrain.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m torchtrain.export", description=__doc__.split("\n\n")[0],
+                                     epilog=recipe_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the recipe the checkpoint was trained with")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint folder, e.g. OUTPUT/checkpoints/step-N")
     parser.add_argument("--out", required=True, help="the Hugging Face model folder to write")

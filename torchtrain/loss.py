@@ -274,7 +274,7 @@ def _gather_tokens(x: Tensor, token_dim: int, group: dist.ProcessGroup) -> Tenso
     """All-gather ``x`` along ``token_dim``; the result has that dimension FIRST (``[tp * n, ...]``)."""
     x = x.movedim(token_dim, 0).contiguous()
     out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x, group=group)
+    dist.all_gather_single(out, x, group=group)
     return out
 
 
@@ -325,7 +325,7 @@ class _VocabParallelLinearCrossEntropySum(torch.autograd.Function):
             # log-sum-exp of the shards' log-sum-exps, and exactly one shard holds the target logit.
             stats = torch.stack((torch.logsumexp(logits, dim=1), target_logit))  # [2, rows]
             every = stats.new_empty((dist.get_world_size(group) * 2, stats.shape[1]))
-            dist.all_gather_into_tensor(every, stats, group=group)
+            dist.all_gather_single(every, stats, group=group)
             every = every.view(-1, 2, stats.shape[1])  # [tp, 2, rows]
             lse = torch.logsumexp(every[:, 0], dim=0)
             target_logit = every[:, 1].sum(0)
@@ -351,7 +351,7 @@ class _VocabParallelLinearCrossEntropySum(torch.autograd.Function):
             else:
                 full = grad_h.view(gathered_shape)
                 mine = full.new_empty((full.shape[0] // dist.get_world_size(group), *full.shape[1:]))
-                dist.reduce_scatter_tensor(mine, full, group=group)
+                dist.reduce_scatter_single(mine, full, group=group)
                 grad_h = mine.movedim(0, token_dim).contiguous()
         ctx.save_for_backward(grad_h, grad_w)
         return total

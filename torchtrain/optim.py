@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import nn
 
 from torchtrain.config import LRScheduler, Optimizer
+
+logger = logging.getLogger(__name__)
 
 
 def build_optimizer(model: nn.Module, config: Optimizer, device: torch.device) -> torch.optim.Optimizer:
@@ -49,7 +52,8 @@ def lr_factor(step: int, total_steps: int, config: LRScheduler) -> float:
     wsd (warmup-stable-decay) holds the peak until the last ``decay_fraction`` of steps, then
     decays linearly.
     """
-    warmup = config.warmup_steps
+    # A run shorter than its recipe's warmup (a smoke test with --training.steps 3) warms up over all of it.
+    warmup = min(config.warmup_steps, total_steps)
     if step < warmup:
         return (step + 1) / warmup
     floor = config.min_lr_ratio
@@ -71,6 +75,9 @@ class LRSchedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, config: LRScheduler, total_steps: int):
         self.optimizer, self.config, self.total_steps = optimizer, config, total_steps
+        if config.warmup_steps > total_steps:
+            logger.warning("lr_scheduler.warmup_steps %d is longer than the run's %d steps: the LR warms up over "
+                           "all of them and never decays", config.warmup_steps, total_steps)
         self.peak = [group["lr"] for group in optimizer.param_groups]
         self.step_count = 0
         self._apply()

@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from torchtrain.checkpoint import CheckpointManager, IntState, ModelAndOptimizer, RNGState, model_record
-from torchtrain.config import HF_MODEL, Config, ConfigError, load_config, parse_args
+from torchtrain.config import HF_MODEL, Config, ConfigError, load_config, parse_args, recipe_help
 from torchtrain.data import Batch, TokenLoader, build_datasets
 from torchtrain.metrics import MetricsLogger, StepScalars, ThroughputMeter, device_peak_flops, peak_memory_bytes
 from torchtrain.models import ModelArgs, Transformer, get_model_args
@@ -53,9 +53,26 @@ class TrainResult:
     output_dir: Path
 
 
+USAGE = """\
+usage: python -m torchtrain.train --config RECIPE [--section.key value ...]
+       torchrun --nproc_per_node=N -m torchtrain.train --config RECIPE [--section.key value ...]
+
+Trains a decoder LLM as the recipe says, on every process torchrun starts. RECIPE is a TOML file, or
+the name of a recipe that comes with torchtrain (e.g. debug, llama3_8b_2k); --section.key value
+overrides any key of it."""
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(f"{USAGE}\n\n{recipe_help()}")
+        return
     try:
-        path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        path, overrides = parse_args(argv)
+        if path is None:
+            print(USAGE.split("\n\n")[0], file=sys.stderr)
+            raise ConfigError("no recipe given: pass --config RECIPE, e.g. --config recipes/debug.toml (--help lists "
+                              "every key)")
         config = load_config(path, overrides)
         train(config)
     except (ConfigError, TrainingDiverged) as e:
@@ -90,11 +107,11 @@ def _train(config: Config, device: torch.device) -> TrainResult:
     if config.parallelism.fsdp_cpu_offload and device.type != "cuda":
         raise ConfigError(f"{config.source}: parallelism.fsdp_cpu_offload = true moves GPU memory to the CPU, "
                           f"but this run is on {device.type}; set it to false")
-    mesh, dp_mesh = build_mesh(dims, device)
-    dp_rank, dp_size = dp_mesh.get_local_rank(), dp_mesh.size()
+    mesh = build_mesh(dims, device)
+    dp_rank, dp_size = mesh.dp.get_local_rank(), mesh.dp.size()
     # The loss and the count of valid tokens are summed over every rank holding different tokens: the
     # data-parallel ranks and, within each, the context-parallel ranks (each a share of the sequence).
-    loss_group = mesh["dp_cp"].get_group()
+    loss_group = mesh.dp_cp.get_group()
     shard_for_cp = batch_sharder(mesh, config.data.document_mask)
 
     train_loader, val_loader = build_data(config, model_args, dp_rank, dp_size)

@@ -6,8 +6,8 @@
 * ``triton_kernels.py``: the ``@triton.jit`` kernels; imported lazily, only when needed.
 """
 
-from kernels.attention.op import flash_attention
-from kernels.attention.reference import (document_mask, reference_attention, reference_attention_backward,
+from torchtrain.kernels.attention.op import flash_attention
+from torchtrain.kernels.attention.reference import (document_mask, reference_attention, reference_attention_backward,
                                          visibility_mask)
 
 __all__ = ["flash_attention", "reference_attention", "reference_attention_backward", "document_mask",

@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels.attention.reference import reference_attention, reference_attention_backward
+from torchtrain.kernels.attention.reference import reference_attention, reference_attention_backward
 
 __all__ = ["flash_attention", "kernels_module", "uses_kernels"]
 
@@ -51,7 +51,7 @@ def kernels_module() -> Optional[ModuleType]:
     global _kernels
     if _kernels is None:
         try:
-            _kernels = importlib.import_module("kernels.attention.triton_kernels")
+            _kernels = importlib.import_module("torchtrain.kernels.attention.triton_kernels")
         except ImportError:
             return None
     return _kernels

@@ -146,7 +146,7 @@ def check_with_trainer_layout(case: str) -> None:
               "ring_fsdp": Parallelism(dp_shard=2, cp=2, cp_rotate="ring")}[case]
     config = Config(parallelism=layout, compile=Compile(enabled=False), data=Data(document_mask=True))
     dims = ParallelDims.resolve(config.parallelism, dist.get_world_size())
-    mesh, dp_mesh = build_mesh(dims, torch.device("cpu"))
+    mesh = build_mesh(dims, torch.device("cpu"))
     args = model_args(case)
     num_samples = 2 * dims.dp
     tokens, labels, positions, document_ids = global_batch(num_samples, args.vocab_size, docs=True)
@@ -157,14 +157,14 @@ def check_with_trainer_layout(case: str) -> None:
     parallelize(model, config, mesh, dims, torch.device("cpu"), torch.float32)
     model.to_empty(device="cpu")
     model.init_weights(seed=0, unit_scope=full_parameters)
-    rows = slice(2 * dp_mesh.get_local_rank(), 2 * dp_mesh.get_local_rank() + 2)  # this dp rank's samples
+    rows = slice(2 * mesh.dp.get_local_rank(), 2 * mesh.dp.get_local_rank() + 2)  # this dp rank's samples
     local_tokens, local_labels, kwargs = shard_inputs(
         dims.cp, mesh["cp"].get_local_rank(), tokens[rows], labels[rows], positions[rows], document_ids[rows], True)
     num_valid = (labels != IGNORE_INDEX).sum()
     loss = model(local_tokens, labels=local_labels, **kwargs) / num_valid
     loss.backward()
     loss = loss.detach()
-    dist.all_reduce(loss, group=mesh["dp_cp"].get_group())
+    dist.all_reduce(loss, group=mesh.dp_cp.get_group())
     close(loss, expected_loss, f"{case}: loss")
     ref_params = dict(reference.named_parameters())
     names = set()

@@ -44,19 +44,19 @@ def measure(overrides: list[str]) -> dict:
     config = planning_config(load_config(RECIPE, overrides))
     target = Target("cpu", torch.float32)
     dims = ParallelDims.resolve(config.parallelism, dist.get_world_size(), config.source)
-    mesh, dp_mesh = build_mesh(dims, torch.device("cpu"))
+    mesh = build_mesh(dims, torch.device("cpu"))
     model_args = model_args_for(config, torch.device(target.device_type))
     parts = build_model(model_args, config, mesh, dims, torch.device("cpu"), target.param_dtype)
     optimizer = build_optimizer(parts.model, config.optimizer, torch.device("cpu"))
     batches = [synthetic_batch(config.training.local_batch_size, config.training.seq_len, model_args.vocab_size,
                                seed=dist.get_rank() * 100 + i) for i in range(config.training.grad_accum_steps)]
     # The second step is measured: AdamW's moments then exist through the forward and backward.
-    train_step(parts, optimizer, batches, config, loss_group(mesh, dp_mesh), contextlib.nullcontext())
+    train_step(parts, optimizer, batches, config, mesh.dp_cp.get_group(), contextlib.nullcontext())
     tracker = model_state_tracker(parts, optimizer)
     for buffer in pipeline_receive_buffers(parts.pipeline):
         tracker.track(buffer, "communication buffers")
     with tracker:
-        train_step(parts, optimizer, batches, config, loss_group(mesh, dp_mesh), contextlib.nullcontext())
+        train_step(parts, optimizer, batches, config, mesh.dp_cp.get_group(), contextlib.nullcontext())
     return {"total": tracker.peak.total, "by_category": tracker.peak.by_category}
 
 
@@ -72,14 +72,6 @@ def pipeline_receive_buffers(pipeline):
             for info in infos:
                 if info.buffer is not None:
                     yield info.buffer
-
-
-def loss_group(mesh, dp_mesh):
-    """The group the trainer sums the loss over: data- and context-parallel ranks (see train.py)."""
-    try:
-        return mesh["dp_cp"].get_group()
-    except (KeyError, RuntimeError, ValueError):
-        return dp_mesh.get_group()
 
 
 def main() -> None:

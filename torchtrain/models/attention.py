@@ -9,7 +9,7 @@ queries against the all-gathered keys, ``Sq < Skv``.
 Backends live in :data:`BACKENDS`, a plain dict from name to function: ``"sdpa"``
 (``F.scaled_dot_product_attention``), ``"reference"`` (the pure-PyTorch oracle) and
 ``"triton"`` (the FlashAttention-2 style op ``torchtrain::flash_attention`` from
-``kernels.attention``).
+``torchtrain.kernels.attention``).
 
 Every backend takes ``(q, k, v, causal, document_ids, kv_document_ids, scale)`` and must agree with
 :func:`reference_attention`, the pure-PyTorch oracle the kernel tests compare against. It
@@ -36,8 +36,8 @@ from typing import Callable, Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.attention import flash_attention
-from kernels.attention.reference import causal_mask, document_mask, reference_attention
+from torchtrain.kernels.attention import flash_attention
+from torchtrain.kernels.attention.reference import causal_mask, document_mask, reference_attention
 
 __all__ = ["attention", "reference_attention", "document_mask", "BACKENDS"]
 

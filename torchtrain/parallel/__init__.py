@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 
 from torchtrain.config import Config
 from torchtrain.parallel.ac import apply_activation_checkpointing
@@ -12,13 +11,13 @@ from torchtrain.parallel.compile import apply_compile
 from torchtrain.parallel.cp import apply_cp
 from torchtrain.parallel.float8 import apply_float8
 from torchtrain.parallel.fsdp import apply_fsdp
-from torchtrain.parallel.mesh import ParallelDims, build_mesh, check_layout, init_distributed
+from torchtrain.parallel.mesh import Meshes, ParallelDims, build_mesh, check_layout, init_distributed
 from torchtrain.parallel.tp import apply_tp
 
-__all__ = ["ParallelDims", "build_mesh", "check_layout", "init_distributed", "parallelize"]
+__all__ = ["Meshes", "ParallelDims", "build_mesh", "check_layout", "init_distributed", "parallelize"]
 
 
-def parallelize(model: nn.Module, config: Config, mesh: DeviceMesh, dims: ParallelDims,
+def parallelize(model: nn.Module, config: Config, mesh: Meshes, dims: ParallelDims,
                 device: torch.device, param_dtype: torch.dtype) -> nn.Module:
     """Apply every configured parallelism to ``model`` (a whole model or one pipeline stage, on the
     meta device) and return it.
@@ -41,8 +40,8 @@ def parallelize(model: nn.Module, config: Config, mesh: DeviceMesh, dims: Parall
         apply_compile(model, config.compile.backend, device,
                       fuse_projections=dims.tp == 1 and not config.float8.enabled)
     if dims.dp_cp > 1 or config.parallelism.fsdp_cpu_offload:
-        # NOTE: over dp_shard x cp (see build_mesh): the cp ranks' gradients are summed by FSDP.
-        apply_fsdp(model, mesh["dp_replicate", "dp_shard_cp"], param_dtype,
+        # NOTE: over dp_shard x cp (see Meshes.fsdp): the cp ranks' gradients are summed by FSDP.
+        apply_fsdp(model, mesh.fsdp, param_dtype,
                    config.parallelism.fsdp_reshard_after_forward, config.parallelism.fsdp_cpu_offload,
                    pipelined=dims.pp > 1)
     return model

@@ -48,7 +48,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from kernels.attention import flash_attention
+from torchtrain.kernels.attention import flash_attention
 from torchtrain.data import Batch
 from torchtrain.models.attention import attention
 

@@ -19,7 +19,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, 
     A 1-D mesh shards (FSDP); a 2-D (dp_replicate, dp_shard_cp) mesh replicates across the first
     dimension and shards across the second (HSDP). The trainer passes dp_shard x cp flattened as the
     sharded dimension: context-parallel ranks hold the same parameters, and sharding over them too
-    makes FSDP's reduce-scatter sum their gradients (see ``mesh.build_mesh``). Parameters already sharded by tensor
+    makes FSDP's reduce-scatter sum their gradients (see ``mesh.Meshes``). Parameters already sharded by tensor
     parallelism become 2-D (or 3-D) DTensors. Parameters are kept in fp32 and cast to
     ``param_dtype`` for compute; gradients are reduced in fp32.
 

@@ -162,22 +162,38 @@ def _divisors_of_all(args: ModelArgs) -> list[int]:
     return [d for d in range(1, args.num_kv_heads + 1) if all(size % d == 0 for size in sizes)]
 
 
-def build_mesh(dims: ParallelDims, device: torch.device) -> tuple[DeviceMesh, DeviceMesh]:
-    """The full named mesh, and its data-parallel ranks flattened into one "dp" mesh.
+@dataclass(frozen=True)
+class Meshes:
+    """The run's named mesh and the flattened meshes made from it, kept here rather than sliced from
+    the root mesh by their names (which torch deprecates).
 
-    The "dp" mesh is what data loading uses: ranks that see different data. Two more flattened
-    dimensions are registered on ``mesh`` for context parallelism (size ``dp`` and ``dp_shard``
-    when cp = 1):
-
-    * ``mesh["dp_cp"]`` (dp_replicate x dp_shard x cp): ranks that hold different tokens, over which
-      the loss and the count of valid tokens are summed;
-    * ``mesh["dp_shard_cp"]`` (dp_shard x cp): what FSDP shards over. NOTE: the cp ranks hold the
-      same parameters and compute gradients from different tokens, so those gradients must be
-      summed; sharding over dp_shard x cp does that in FSDP's reduce-scatter, and shards the
-      parameters cp times further for free.
+    ``meshes["tp"]`` (any name of :data:`MESH_DIMS`) is that dimension of ``world``.
     """
-    mesh = init_device_mesh(device.type, dims.sizes, mesh_dim_names=MESH_DIMS)
-    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-    return mesh, dp_mesh
+
+    world: DeviceMesh  # [pp, dp_replicate, dp_shard, cp, tp]
+    dp: DeviceMesh  # dp_replicate x dp_shard: ranks that read different data
+    # dp x cp: ranks that hold different tokens, over which the loss and the count of valid tokens are summed
+    dp_cp: DeviceMesh
+    # dp_shard_cp = dp_shard x cp, what FSDP shards over; with dp_replicate > 1 the 2-D (dp_replicate,
+    # dp_shard_cp), over whose first dimension HSDP replicates. NOTE: the cp ranks hold the same parameters
+    # and compute gradients from different tokens, so those gradients must be summed; sharding over
+    # dp_shard x cp does that in FSDP's reduce-scatter, and shards the parameters cp times further for free.
+    fsdp: DeviceMesh
+
+    def __getitem__(self, name: str) -> DeviceMesh:
+        if name not in MESH_DIMS:
+            raise KeyError(f"{name!r} is not a mesh dimension ({', '.join(MESH_DIMS)}); the flattened meshes are "
+                           "the attributes dp, dp_cp and fsdp")
+        return self.world[name]
+
+
+def build_mesh(dims: ParallelDims, device: torch.device) -> Meshes:
+    """The full named mesh and its flattened data-parallel meshes (see :class:`Meshes`)."""
+    world = init_device_mesh(device.type, dims.sizes, mesh_dim_names=MESH_DIMS)
+    dp = world["dp_replicate", "dp_shard"]._flatten("dp")
+    dp_cp = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    if dims.dp_replicate == 1:
+        fsdp = world["dp_shard", "cp"]._flatten("dp_shard_cp")
+    else:  # NOTE: unflattening makes a second dp_replicate process group, a copy of the world mesh's own
+        fsdp = dp_cp._unflatten(0, (dims.dp_replicate, dims.dp_shard * dims.cp), ("dp_replicate", "dp_shard_cp"))
+    return Meshes(world, dp, dp_cp, fsdp)

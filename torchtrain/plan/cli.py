@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from torchtrain.config import Config, ConfigError, load_config, parse_args
+from torchtrain.config import Config, ConfigError, load_config, recipe_help
 from torchtrain.parallel import ParallelDims
 from torchtrain.parallel.mesh import MESH_DIMS, pipeline_settings
 from torchtrain.plan.layout import check_recipe, world_size_of
@@ -29,7 +29,9 @@ GIB = 2**30
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m torchtrain.plan", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m torchtrain.plan", description=__doc__.split("\n\n")[0],
+                                     epilog=recipe_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the recipe to plan: a TOML file or a packaged recipe's name")
     parser.add_argument("--ngpu", type=int, default=None, help="world size (default: the recipe's sizes multiplied)")
     parser.add_argument("--gpu", default="h100", help=f"one of {', '.join(GPUS)} (default h100)")
     parser.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY,
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         if not 0 < args.efficiency <= 1:
             raise ConfigError(f"--efficiency {args.efficiency} is invalid; it is a fraction of the peak in (0, 1]")
         gpu = gpu_named(args.gpu)
-        config = planning_config(load_config(*parse_args(rest)))
+        config = planning_config(load_config(args.config, rest))
         if args.search:
             from torchtrain.plan.search import search, print_search
 

@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-import kernels.attention.op  # noqa: F401  (registers torchtrain::flash_attention)
+import torchtrain.kernels.attention.op  # noqa: F401  (registers torchtrain::flash_attention)
 
 
 def _flash_attention_flops(q, k, v, *args, out_val=None, **kwargs) -> int:

@@ -116,7 +116,7 @@ def measure_rank(config: Config, model_args: ModelArgs, dims: ParallelDims, rank
         dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
     try:
         device = torch.device("cpu")
-        mesh, _ = build_mesh(dims, device)
+        mesh = build_mesh(dims, device)
         parts = build_model(model_args, config, mesh, dims, device, target.param_dtype, materialize=False)
         if keep_blocks is not None:
             _keep_blocks(parts, keep_blocks, mesh, config, dims)
@@ -297,7 +297,7 @@ def _group_labels(mesh, dims: ParallelDims) -> dict[str, str]:
     labels = {}
     for name, size in zip(MESH_DIMS, dims.sizes):
         if size > 1:
-            labels[mesh.get_group(name).group_name] = name
+            labels[mesh.world.get_group(name).group_name] = name
     return labels
 
 

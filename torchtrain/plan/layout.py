@@ -53,7 +53,7 @@ def check_recipe(config: Config, world_size: int) -> list[RankReport]:
         rank = pp_rank * ranks_per_stage
         dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
         try:
-            mesh, _ = build_mesh(dims, torch.device("cpu"))
+            mesh = build_mesh(dims, torch.device("cpu"))
             parts = build_model(model_args, config, mesh, dims, torch.device("cpu"), torch.float32, materialize=False)
             held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in parts.model.parameters())
             names = [f"{stage_layers(stage)}" for stage in parts.stages]
