@@ -8,6 +8,7 @@ another directory; the installed versions are compared with ``constraints.txt``.
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -32,9 +33,13 @@ def pins() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of the checkout: setuptools' build/ folder (whose stale files a wheel would take
+    # along) stays out of both.
+    source, out = tmp_path_factory.mktemp("source") / "torchtrain", tmp_path_factory.mktemp("wheel")
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "outputs", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(out), str(REPO)], check=True, capture_output=True, cwd=out)
+                    "--wheel-dir", str(out), str(source)], check=True, capture_output=True, cwd=out)
     (built,) = out.glob("torchtrain-*.whl")
     return built
 
