@@ -128,7 +128,8 @@ def build_torchtrain(opts: dict):
     from torchtrain.data import Batch
     from torchtrain.optim import build_optimizer
     from torchtrain.parallel import ParallelDims, build_mesh, init_distributed
-    from torchtrain.train import build_model, model_args_for, train_step
+    from torchtrain.models.shape import model_args_for
+    from torchtrain.train import build_model, train_step
 
     device = torch.device("cpu")
     config = Config()

@@ -33,7 +33,7 @@ from torchtrain.plan.fake_step import Target  # noqa: E402
 from torchtrain.plan.planner import hidden_shard_bytes, plan_layout, role_time  # noqa: E402
 from torchtrain.plan.search import search  # noqa: E402
 from torchtrain.plan.timing import DEFAULT_EFFICIENCY, GPUS  # noqa: E402
-from torchtrain.train import model_args_for  # noqa: E402
+from torchtrain.models.shape import model_args_for  # noqa: E402
 
 GPU = GPUS["a100-80g"]
 MB1 = ["--training.local_batch_size", "1"]

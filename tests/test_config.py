@@ -121,7 +121,7 @@ def test_resolved_config_round_trips(tmp_path):
 def test_longer_context_than_the_model_needs_model_max_seq_len():
     import torch
 
-    from torchtrain.train import model_args_for
+    from torchtrain.models.shape import model_args_for
 
     recipe = Path(__file__).parent.parent / "recipes/debug.toml"
     with pytest.raises(ConfigError, match=r"training.seq_len = 4096 is invalid; model 'debug' supports at most 2048 "

@@ -283,7 +283,7 @@ def test_initial_load_path_and_export_cli(tmp_path):
 
 def test_hf_model_name_needs_a_readable_config_json(tmp_path):
     from torchtrain.config import ConfigError
-    from torchtrain.train import model_args_for
+    from torchtrain.models.shape import model_args_for
 
     recipe = REPO / "recipes/debug.toml"
     with pytest.raises(ConfigError, match=r"model.name = 'hf' is invalid; 'hf' takes the model's shape from the "
@@ -291,7 +291,8 @@ def test_hf_model_name_needs_a_readable_config_json(tmp_path):
         load_config(recipe, ["--model.name", "hf"])
     with pytest.raises(ConfigError, match=r"checkpoint.initial_load_path = '.*nothing' is invalid; its config.json "
                                           r"gives no model shape: .*nothing has no config.json"):
-        load_config(recipe, ["--model.name", "hf", "--checkpoint.initial_load_path", str(tmp_path / "nothing")])
+        model_args_for(load_config(recipe, ["--model.name", "hf", "--checkpoint.initial_load_path",
+                                            str(tmp_path / "nothing")]), torch.device("cpu"))
     args = dataclasses.replace(get_model_args("debug"), max_seq_len=128)
     export_hf(_ours(args).state_dict(), args, tmp_path / "hf", "llama")
     config = load_config(recipe, ["--model.name", "hf", "--checkpoint.initial_load_path", str(tmp_path / "hf"),

@@ -14,7 +14,7 @@ from torchtrain.plan.cli import main, planning_config
 from torchtrain.plan.fake_step import Target
 from torchtrain.plan.planner import IN_FLIGHT, PIPELINE_BUFFERS, plan_layout, predict_peaks
 from torchtrain.plan.timing import GPUS
-from torchtrain.train import model_args_for
+from torchtrain.models.shape import model_args_for
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests/workers/plan_memory.py"

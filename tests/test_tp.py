@@ -14,3 +14,30 @@ def test_tensor_parallel_matches_one_process():
     proc = torchrun(2, REPO / "tests" / "workers" / "tp_parity.py", *CASES)
     passed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok ")]
     assert passed == list(CASES), proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_a_parameter_the_plan_does_not_place_is_refused():
+    """A block parameter outside the plan (here a per-head query norm) would stay a plain tensor on every
+    tp rank and drift apart; apply_tp names it instead. Run on the meta device over a fake 2-rank group."""
+    import pytest
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from torchtrain.models import Transformer, get_model_args
+    from torchtrain.parallel.tp import apply_tp
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+        with torch.device("meta"):
+            whole, extended = Transformer(get_model_args("debug")), Transformer(get_model_args("debug"))
+            extended.layers["1"].attention.q_norm = torch.nn.RMSNorm(32)
+        apply_tp(whole, mesh["tp"])
+        assert all(isinstance(p, DTensor) for p in whole.parameters())
+        with pytest.raises(ValueError, match=r"places no layout on \['layers.1.attention.q_norm.weight'\]"):
+            apply_tp(extended, mesh["tp"])
+    finally:
+        dist.destroy_process_group()

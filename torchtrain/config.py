@@ -357,7 +357,9 @@ def validate(config: Config) -> None:
     if config.model.rope_theta < 0:
         fail("model", "rope_theta", "it must be 0 (the model's own) or a positive RoPE base")
     if config.model.name == HF_MODEL:
-        _validate_hf_model(config, fail)
+        if not config.checkpoint.initial_load_path:  # its config.json is read by models.shape.model_args_for
+            fail("model", "name", f"{HF_MODEL!r} takes the model's shape from the config.json of "
+                                  "checkpoint.initial_load_path; set that key to a Hugging Face model folder")
     elif config.model.name not in MODELS:
         close = difflib.get_close_matches(config.model.name, MODELS, n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -385,20 +387,6 @@ def _validate_activation_checkpoint(config: "Config", model_args: Any, fail) -> 
     if ac.offload and ac.mode == "none":
         fail("activation_checkpoint", "offload", "it offloads the inputs of checkpointed blocks; set mode to "
                                                  "'full', 'selective' or 'layers', or offload = false")
-
-
-def _validate_hf_model(config: "Config", fail) -> None:
-    """``model.name = "hf"``: the Hugging Face folder must exist and its config.json describe a model we build."""
-    from torchtrain.hf_checkpoint import model_args_from_hf_folder  # imports torch: only when asked for
-
-    folder = config.checkpoint.initial_load_path
-    if not folder:
-        fail("model", "name", f"{HF_MODEL!r} takes the model's shape from the config.json of "
-                              "checkpoint.initial_load_path; set that key to a Hugging Face model folder")
-    try:
-        model_args_from_hf_folder(folder)
-    except (OSError, ValueError, KeyError) as e:
-        fail("checkpoint", "initial_load_path", f"its config.json gives no model shape: {e}")
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -20,7 +20,7 @@ import torch
 
 from torchtrain.config import ConfigError, load_config, recipe_help
 from torchtrain.hf_checkpoint import export_hf, read_dcp_model_state
-from torchtrain.train import model_args_for
+from torchtrain.models.shape import model_args_for
 
 
 def recipe_tokenizer(config) -> str:

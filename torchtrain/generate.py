@@ -33,11 +33,11 @@ from torch import Tensor
 from torchtrain.checkpoint import complete_checkpoints, saved_model_name
 from torchtrain.config import HF_MODEL, Config, ConfigError, load_config
 from torchtrain.data.tokenizer import Tokenizer, tokenizer_from_file
-from torchtrain.hf_checkpoint import load_hf_weights, model_args_from_hf_folder, read_dcp_model_state
+from torchtrain.hf_checkpoint import load_hf_weights, read_dcp_model_state
 from torchtrain.models import ModelArgs, Transformer, get_model_args
 from torchtrain.models.kv_cache import KVCache
 from torchtrain.models.llama import rope_tables
-from torchtrain.train import model_args_for
+from torchtrain.models.shape import model_args_for, model_args_from_hf_folder
 
 logger = logging.getLogger(__name__)
 

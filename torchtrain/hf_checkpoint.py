@@ -53,7 +53,7 @@ from torchtrain.parallel.init import copy_full_into
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_hf_weights", "model_args_from_hf_config", "model_args_from_hf_folder", "export_hf",
+__all__ = ["load_hf_weights", "model_args_from_hf_config", "export_hf",
            "hf_weight_files", "read_dcp_model_state", "SCHEMES"]
 
 SINGLE_FILE = "model.safetensors"
@@ -155,14 +155,6 @@ def _scheme_of(keys: set[str]) -> str:
     if "model.tok_embeddings.weight" in keys or any(".attention.wqkv." in k for k in keys):
         return "internlm2"
     return "llama"
-
-
-def model_args_from_hf_folder(folder: str | Path) -> ModelArgs:
-    """``model_args_from_hf_config`` of ``folder/config.json``."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise ValueError(f"{folder} has no config.json")
-    return model_args_from_hf_config(json.loads(path.read_text()))
 
 
 def _check_config(folder: Path, args: ModelArgs) -> None:

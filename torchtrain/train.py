@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -23,10 +24,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from torchtrain.checkpoint import CheckpointManager, IntState, ModelAndOptimizer, RNGState, model_record
-from torchtrain.config import HF_MODEL, Config, ConfigError, load_config, parse_args, recipe_help
+from torchtrain.config import Config, ConfigError, load_config, parse_args, recipe_help
 from torchtrain.data import Batch, TokenLoader, build_datasets
 from torchtrain.metrics import MetricsLogger, StepScalars, ThroughputMeter, device_peak_flops, peak_memory_bytes
-from torchtrain.models import ModelArgs, Transformer, get_model_args
+from torchtrain.models import ModelArgs, Transformer
+from torchtrain.models.shape import model_args_for
 from torchtrain.loss import IGNORE_INDEX
 from torchtrain.optim import LRSchedule, build_optimizer, step_unless_non_finite
 from torchtrain.parallel import ParallelDims, build_mesh, check_layout, init_distributed, parallelize
@@ -428,7 +430,7 @@ def pick_device(config: Config) -> torch.device:
         raise ConfigError(f"{config.source}: training.device = 'cuda' but no GPU is visible; use 'auto' or 'cpu'")
     if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    local_rank = int(__import__("os").environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -440,27 +442,6 @@ def resolve_dtype(config: Config, device: torch.device) -> str:
     if dtype == "bfloat16" and device.type == "cpu":
         logger.warning("bfloat16 on CPU is much slower than float32 on most CPUs")
     return dtype
-
-
-def model_args_for(config: Config, device: torch.device) -> ModelArgs:
-    """The recipe's model shape (a registry size or a Hugging Face config.json) with its attention backend."""
-    if config.model.name == HF_MODEL:
-        from torchtrain.hf_checkpoint import model_args_from_hf_folder
-
-        args = model_args_from_hf_folder(config.checkpoint.initial_load_path)
-        if config.training.seq_len > args.max_seq_len and not config.model.max_seq_len:
-            # Continued pre-training at a longer context than the release's: extend the RoPE table.
-            logger.warning("training.seq_len %d is longer than the %d positions of %s; positions beyond are new "
-                           "to the model", config.training.seq_len, args.max_seq_len,
-                           config.checkpoint.initial_load_path)
-            args.max_seq_len = config.training.seq_len
-    else:
-        args = get_model_args(config.model.name)
-    args.max_seq_len = config.model.max_seq_len or args.max_seq_len
-    args.rope_theta = config.model.rope_theta or args.rope_theta
-    attention = config.model.attention
-    args.attention = ("triton" if device.type == "cuda" else "sdpa") if attention == "auto" else attention
-    return args
 
 
 def setup_logging(output_dir: Path, rank: int) -> None:

@@ -22,7 +22,8 @@ from torchtrain.optim import build_optimizer
 from torchtrain.parallel import ParallelDims, build_mesh, init_distributed
 from torchtrain.plan.cli import planning_config
 from torchtrain.plan.fake_step import Target, model_state_tracker
-from torchtrain.train import build_model, model_args_for, train_step
+from torchtrain.models.shape import model_args_for
+from torchtrain.train import build_model, train_step
 
 RECIPE = "recipes/debug.toml"
 

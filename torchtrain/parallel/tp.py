@@ -20,7 +20,7 @@ import logging
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -133,9 +133,14 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         # (counted with CommDebugMode: 3 all-reduces instead of 1 reduce-scatter per attention).
         parallelize_module(block, tp_mesh, block_plan)
 
+    # NOTE: a parameter that no style placed (a new norm or bias) would stay a plain tensor on every rank,
+    # receive a different gradient on each and drift apart: refuse it.
+    missed = [name for name, param in model.named_parameters() if not isinstance(param, DTensor)]
+    if missed:
+        raise ValueError(f"the tensor-parallel plan (torchtrain/parallel/tp.py) places no layout on {missed}; "
+                         "add their modules to the plan")
     logger.info("tensor parallel: tp=%d, sequence parallel, vocabulary-parallel output and loss "
                 "(%s, %d blocks)", tp, ", ".join(root_plan) or "no root modules", len(model.layers))
-
 
 
 def _styles(block: nn.Module) -> tuple[type, type, type]:

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.check:
             print_check(config, world_size)
             return
-        from torchtrain.train import model_args_for
+        from torchtrain.models.shape import model_args_for
 
         plan = plan_layout(config, model_args_for(config, torch.device("cuda")), world_size, gpu, args.efficiency,
                            exact=args.exact)

@@ -40,7 +40,8 @@ def world_size_of(config: Config, ngpu: int | None) -> int:
 
 def check_recipe(config: Config, world_size: int) -> list[RankReport]:
     """Build the layout for the first rank of every pipeline stage; raise ConfigError if impossible."""
-    from torchtrain.train import build_model, model_args_for  # the trainer's own code path
+    from torchtrain.models.shape import model_args_for
+    from torchtrain.train import build_model  # the trainer's own code path
 
     # Compile wraps lazily and needs a working backend on the target device; it adds no parameters.
     config = dataclasses.replace(config, compile=dataclasses.replace(config.compile, enabled=False))

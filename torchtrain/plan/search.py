@@ -115,7 +115,7 @@ def search(config: Config, world_size: int, gpu: GPU, efficiency: float, top: in
     """The ``top`` fastest measured layouts that fit, fastest first; ConfigError if none fits.
 
     At most ``max_measured`` layouts (the fastest by the closed-form estimate) are measured."""
-    from torchtrain.train import model_args_for
+    from torchtrain.models.shape import model_args_for
 
     args = model_args_for(config, torch.device("cuda"))
     seq = config.training.seq_len

@@ -1,0 +1,56 @@
+"""The model shape of a run, resolved in one place: a registry size, or the ``config.json`` of the
+Hugging Face model a run starts from, with the recipe's context length, RoPE base and attention
+backend. Training, planning, generation and export all take the shape from :func:`model_args_for`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from torchtrain.config import HF_MODEL, Config, ConfigError
+from torchtrain.models.hf import model_args_from_hf_config
+from torchtrain.models.llama import ModelArgs
+from torchtrain.models.registry import get_model_args
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["model_args_for", "model_args_from_hf_folder"]
+
+
+def model_args_from_hf_folder(folder: str | Path) -> ModelArgs:
+    """``model_args_from_hf_config`` of ``folder/config.json``."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{folder} has no config.json")
+    return model_args_from_hf_config(json.loads(path.read_text()))
+
+
+def model_args_for(config: Config, device: torch.device) -> ModelArgs:
+    """The recipe's model shape with its attention backend ("auto": triton on CUDA, sdpa elsewhere).
+
+    ``model.name = "hf"`` reads ``checkpoint.initial_load_path``'s ``config.json``; a folder that gives
+    no shape raises :class:`ConfigError` naming the key.
+    """
+    if config.model.name == HF_MODEL:
+        folder = config.checkpoint.initial_load_path
+        try:
+            args = model_args_from_hf_folder(folder)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{config.source}: checkpoint.initial_load_path = {folder!r} is invalid; its config.json "
+                              f"gives no model shape: {e}") from None
+        if config.training.seq_len > args.max_seq_len and not config.model.max_seq_len:
+            # Continued pre-training at a longer context than the release's: extend the RoPE table.
+            logger.warning("training.seq_len %d is longer than the %d positions of %s; positions beyond are new "
+                           "to the model", config.training.seq_len, args.max_seq_len, folder)
+            args.max_seq_len = config.training.seq_len
+    else:
+        args = get_model_args(config.model.name)
+    args.max_seq_len = config.model.max_seq_len or args.max_seq_len
+    args.rope_theta = config.model.rope_theta or args.rope_theta
+    attention = config.model.attention
+    args.attention = ("triton" if device.type == "cuda" else "sdpa") if attention == "auto" else attention
+    return args
