@@ -64,18 +64,18 @@ def run_config(model: dict, seq_len: int, tokens_per_step: int, precision: str, 
     from torchtrain.models import get_model_args
     from torchtrain.optim import build_optimizer
     from torchtrain.parallel import ParallelDims, build_mesh, init_distributed
-    from torchtrain.parallel.float8 import check_float8_support
+    from torchtrain.parallel.float8 import check_float8
     from torchtrain.train import build_model, resolve_dtype, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = Config()
+    config = Config(source="bench/gpu_train.py")
     config.training.seq_len = seq_len
     config.training.local_batch_size = max(1, tokens_per_step // seq_len)
     config.data.document_mask = False
     config.compile.enabled = compile_
     config.activation_checkpoint.mode = "full" if seq_len >= 32768 else "none"
     config.float8.enabled = precision == "float8"
-    check_float8_support(config.float8, device, "bench/gpu_train.py")
+    check_float8(config, device)
     args = dataclasses.replace(get_model_args("debug"), **model, max_seq_len=seq_len,
                                attention="triton" if device.type == "cuda" else "sdpa")
     init_distributed(device)

@@ -199,7 +199,8 @@ def test_offload_on_cpu_is_refused_naming_the_key(tmp_path):
 ])
 def test_config_errors_name_the_key_and_what_is_valid(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(write(tmp_path, f"[activation_checkpoint]\n{text}\n"))
+        config = load_config(write(tmp_path, f"[activation_checkpoint]\n{text}\n"))
+        check_activation_checkpoint(config, get_model_args("debug"), torch.device("cuda"))
 
 
 def test_config_accepts_every_mode(tmp_path):

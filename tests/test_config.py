@@ -72,9 +72,17 @@ def test_wrong_type_names_file_key_and_type(tmp_path):
 
 
 def test_invalid_choice_lists_valid_ones(tmp_path):
+    import torch
+
+    from torchtrain.checks import check_run
+    from torchtrain.models import get_model_args
+
+    config = load_config(write(tmp_path, '[lr_scheduler]\nname = "cosin"\n'))  # the optimizer module's list
     with pytest.raises(ConfigError, match=r"recipe\.toml: lr_scheduler\.name = 'cosin' is invalid; valid choices: "
                                           r"'cosine', 'linear', 'wsd'"):
-        load_config(write(tmp_path, '[lr_scheduler]\nname = "cosin"\n'))
+        check_run(config, get_model_args("debug"), 1, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"training\.device = 'gpu' is invalid; valid choices: 'auto', 'cuda', 'cpu'"):
+        load_config(write(tmp_path, '[training]\ndevice = "gpu"\n'))
 
 
 def test_invalid_values(tmp_path):

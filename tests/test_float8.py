@@ -9,7 +9,7 @@ import torch
 from launcher import REPO
 from torchtrain.config import ConfigError, Float8, load_config
 from torchtrain.models import Transformer, get_model_args
-from torchtrain.parallel.float8 import apply_float8, check_float8_support
+from torchtrain.parallel.float8 import apply_float8, check_float8
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 
@@ -82,10 +82,10 @@ def test_float8_is_refused_without_float8_hardware():
     config = load_config(REPO / "recipes/debug.toml", ["--float8.enabled", "true"])
     with pytest.raises(ConfigError, match=r"float8.enabled = true needs an NVIDIA GPU with float8 tensor cores "
                                           r"\(compute capability >= 8.9.*this run is on cpu; set float8.enabled = false"):
-        check_float8_support(config.float8, torch.device("cpu"), config.source)
+        check_float8(config, torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"float8.recipe = 'blockwise' is invalid; valid choices: 'tensorwise', "
                                           r"'rowwise', 'rowwise_with_gw_hp'"):
-        load_config(REPO / "recipes/debug.toml", ["--float8.recipe", "blockwise"])
+        check_float8(load_config(REPO / "recipes/debug.toml", ["--float8.recipe", "blockwise"]), torch.device("cpu"))
 
 
 def test_compiled_float8_blocks_match_eager_float8():

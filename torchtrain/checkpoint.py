@@ -45,9 +45,15 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from torchtrain.config import ConfigError
+from torchtrain.config import Config, ConfigError, check_choice
 
 logger = logging.getLogger(__name__)
+
+ASYNC_MODES = ("disabled", "async")  # checkpoint.async_mode
+
+
+def check_checkpoint(config: Config) -> None:
+    check_choice(config, "checkpoint", "async_mode", ASYNC_MODES)
 
 _COMPLETE = re.compile(r"^step-(\d{8})$")
 _PARTIAL_SUFFIX = ".partial"
@@ -120,8 +126,8 @@ class CheckpointManager:
 
     def __init__(self, folder: Path, keep_last: int, async_mode: str = "disabled",
                  model_record: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None):
-        if async_mode not in ("disabled", "async"):
-            raise ValueError(f"async_mode must be 'disabled' or 'async', not {async_mode!r}")
+        if async_mode not in ASYNC_MODES:
+            raise ValueError(f"async_mode must be one of {ASYNC_MODES}, not {async_mode!r}")
         self.folder = Path(folder)
         self.keep_last = keep_last
         self.async_mode = async_mode

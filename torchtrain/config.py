@@ -214,24 +214,24 @@ class Config:
         return "\n".join(lines) + "\n"
 
 
-# Choices for string fields; checked by validate() and listed in its messages.
 HF_MODEL = "hf"  # model.name that takes the shape from a Hugging Face config.json
+# The values of training.device and training.dtype (read by train.pick_device and train.resolve_dtype).
+# Every other key with a fixed set of values is checked by the module that implements it, against its
+# own list, in the one pass of torchtrain.checks.check_run.
+DEVICES = ("auto", "cuda", "cpu")
+DTYPES = ("auto", "bfloat16", "float32")
 
-CHOICES = {
-    ("model", "attention"): ("auto", "triton", "sdpa", "reference"),
-    ("training", "dtype"): ("auto", "bfloat16", "float32"),
-    ("training", "device"): ("auto", "cuda", "cpu"),
-    ("optimizer", "name"): ("adamw",),
-    ("optimizer", "fused"): ("auto", "yes", "no"),
-    ("lr_scheduler", "name"): ("cosine", "linear", "wsd"),
-    ("compile", "backend"): ("inductor", "aot_eager", "eager"),
-    ("activation_checkpoint", "mode"): ("none", "full", "selective", "layers"),
-    ("parallelism", "fsdp_reshard_after_forward"): ("default", "always", "never"),
-    ("parallelism", "cp_rotate"): ("allgather", "ring"),
-    ("parallelism", "pp_schedule"): ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"),
-    ("checkpoint", "async_mode"): ("disabled", "async"),
-    ("float8", "recipe"): ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
-}
+
+def invalid(config: Config, section: str, key: str, allowed: str) -> ConfigError:
+    """The error for ``section.key``: the recipe, the key, its value and what is allowed."""
+    value = getattr(getattr(config, section), key)
+    return ConfigError(f"{config.source}: {section}.{key} = {value!r} is invalid; {allowed}")
+
+
+def check_choice(config: Config, section: str, key: str, choices: typing.Iterable[str]) -> None:
+    """Raise :func:`invalid` listing ``choices`` unless ``section.key`` is one of them."""
+    if getattr(getattr(config, section), key) not in choices:
+        raise invalid(config, section, key, f"valid choices: {', '.join(map(repr, choices))}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -306,15 +306,15 @@ def recipe_help() -> str:
 
 
 def validate(config: Config) -> None:
-    """Check values (not just types); each error names the recipe, the key and what is allowed."""
+    """Check values (not just types) that need nothing but the config; each error names the recipe, the
+    key and what is allowed. What needs the model, the world size or the device, and every key whose
+    values a module defines, is checked by :func:`torchtrain.checks.check_run`."""
 
     def fail(section: str, key: str, allowed: str) -> None:
-        value = getattr(getattr(config, section), key)
-        raise ConfigError(f"{config.source}: {section}.{key} = {value!r} is invalid; {allowed}")
+        raise invalid(config, section, key, allowed)
 
-    for (section, key), choices in CHOICES.items():
-        if getattr(getattr(config, section), key) not in choices:
-            fail(section, key, f"valid choices: {', '.join(map(repr, choices))}")
+    check_choice(config, "training", "device", DEVICES)
+    check_choice(config, "training", "dtype", DTYPES)
 
     positive = [
         ("training", "steps"), ("training", "seq_len"), ("training", "local_batch_size"),
@@ -369,24 +369,6 @@ def validate(config: Config) -> None:
         fail("training", "seq_len",
              f"model {config.model.name!r} supports at most {MODELS[config.model.name].max_seq_len} tokens; "
              "to train longer sequences set model.max_seq_len (and usually a larger model.rope_theta)")
-    _validate_activation_checkpoint(config, MODELS.get(config.model.name), fail)
-
-
-def _validate_activation_checkpoint(config: "Config", model_args: Any, fail) -> None:
-    """``num_layers`` only with "layers" and within the model's depth; ``offload`` only with checkpointing."""
-    ac = config.activation_checkpoint
-    if ac.num_layers < 0:
-        fail("activation_checkpoint", "num_layers", "it must be zero or positive")
-    if ac.num_layers and ac.mode != "layers":
-        fail("activation_checkpoint", "num_layers", f"it is used by mode = 'layers' only (mode is {ac.mode!r}); "
-                                                    "set mode = 'layers' or num_layers = 0")
-    # The depth of a Hugging Face model ("hf") is known once its config.json is read: checked at build time.
-    if model_args is not None and ac.num_layers > model_args.num_layers:
-        fail("activation_checkpoint", "num_layers",
-             f"model {config.model.name!r} has {model_args.num_layers} blocks; valid: 0 .. {model_args.num_layers}")
-    if ac.offload and ac.mode == "none":
-        fail("activation_checkpoint", "offload", "it offloads the inputs of checkpointed blocks; set mode to "
-                                                 "'full', 'selective' or 'layers', or offload = false")
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:

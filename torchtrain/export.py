@@ -20,6 +20,7 @@ import torch
 
 from torchtrain.config import ConfigError, load_config, recipe_help
 from torchtrain.hf_checkpoint import export_hf, read_dcp_model_state
+from torchtrain.checks import check_model
 from torchtrain.models.shape import model_args_for
 
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(args.config, overrides)
         model_args = model_args_for(config, torch.device("cpu"))
+        check_model(config)
         state = read_dcp_model_state(args.checkpoint, model_args)
         tokenizer = None if args.no_tokenizer else (args.tokenizer or recipe_tokenizer(config))
         export_hf(state, model_args, args.out, args.family, tokenizer_path=tokenizer,

@@ -37,6 +37,7 @@ from torchtrain.hf_checkpoint import load_hf_weights, read_dcp_model_state
 from torchtrain.models import ModelArgs, Transformer, get_model_args
 from torchtrain.models.kv_cache import KVCache
 from torchtrain.models.llama import rope_tables
+from torchtrain.checks import check_model
 from torchtrain.models.shape import model_args_for, model_args_from_hf_folder
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ def resolve_source(path: str | Path) -> Source:
     config = next((load_config(parent / "config.toml") for parent in list(path.parents)[:3]
                    if (parent / "config.toml").is_file()), None)
     if config is not None:  # the shape the run trained (a registry size, or "hf": an initial_load_path's)
+        check_model(config)
         return Source("checkpoint", path, model_args_for(config, torch.device("cpu")), config)
     name = saved_model_name(path)
     if name is None or name == HF_MODEL:

@@ -8,9 +8,20 @@ import math
 import torch
 from torch import nn
 
-from torchtrain.config import LRScheduler, Optimizer
+from torchtrain.config import Config, LRScheduler, Optimizer, check_choice
 
 logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw",)
+FUSED = ("auto", "yes", "no")  # optimizer.fused
+LR_SCHEDULES = ("cosine", "linear", "wsd")  # lr_scheduler.name; see lr_factor
+
+
+def check_optimizer(config: Config) -> None:
+    """The optimizer and LR schedule keys with a fixed set of values."""
+    check_choice(config, "optimizer", "name", OPTIMIZERS)
+    check_choice(config, "optimizer", "fused", FUSED)
+    check_choice(config, "lr_scheduler", "name", LR_SCHEDULES)
 
 
 def build_optimizer(model: nn.Module, config: Optimizer, device: torch.device) -> torch.optim.Optimizer:

@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 import torch
 from torch.profiler import ProfilerAction, ProfilerActivity, profile
 
-from torchtrain.config import ConfigError, Profiling
+from torchtrain.config import Config, ConfigError, Profiling
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +34,14 @@ __all__ = ["StepProfiler", "check_profiling"]
 _HISTORY_ENTRIES = 100_000  # allocation events kept for a snapshot (a ring buffer)
 
 
-def check_profiling(settings: Profiling, device: torch.device, source: str) -> None:
+def check_profiling(config: Config, device: torch.device) -> None:
     """Memory snapshots record the CUDA caching allocator: refuse them, naming the key, elsewhere."""
     if device.type != "cuda":
         for key in ("memory_snapshot_steps", "memory_snapshot_on_oom"):
-            if getattr(settings, key):
-                raise ConfigError(f"{source}: profiling.{key} = {getattr(settings, key)!r} records the CUDA "
-                                  f"allocator, but this run is on {device.type}; remove it (profiling.trace_steps "
-                                  "works on any device)")
+            if getattr(config.profiling, key):
+                raise ConfigError(f"{config.source}: profiling.{key} = {getattr(config.profiling, key)!r} records "
+                                  f"the CUDA allocator, but this run is on {device.type}; remove it "
+                                  "(profiling.trace_steps works on any device)")
 
 
 class StepProfiler:

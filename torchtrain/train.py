@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from torchtrain.checks import check_run
 from torchtrain.checkpoint import CheckpointManager, IntState, ModelAndOptimizer, RNGState, model_record
 from torchtrain.config import Config, ConfigError, load_config, parse_args, recipe_help
 from torchtrain.data import Batch, TokenLoader, build_datasets
@@ -31,10 +32,9 @@ from torchtrain.models import ModelArgs, Transformer
 from torchtrain.models.shape import model_args_for
 from torchtrain.loss import IGNORE_INDEX
 from torchtrain.optim import LRSchedule, build_optimizer, step_unless_non_finite
-from torchtrain.parallel import ParallelDims, build_mesh, check_layout, init_distributed, parallelize
-from torchtrain.parallel.ac import check_activation_checkpoint
-from torchtrain.parallel.float8 import after_optimizer_step, check_float8_support
-from torchtrain.profiling import StepProfiler, check_profiling
+from torchtrain.parallel import ParallelDims, build_mesh, init_distributed, parallelize
+from torchtrain.parallel.float8 import after_optimizer_step
+from torchtrain.profiling import StepProfiler
 from torchtrain.parallel.cp import batch_sharder
 from torchtrain.parallel.init import full_parameters
 from torchtrain.parallel.mesh import pipeline_settings
@@ -95,20 +95,13 @@ def train(config: Config) -> TrainResult:
 
 def _train(config: Config, device: torch.device) -> TrainResult:
     rank = dist.get_rank()
-    dims = ParallelDims.resolve(config.parallelism, dist.get_world_size(), config.source)
+    model_args = model_args_for(config, device)
+    dims = check_run(config, model_args, dist.get_world_size(), device)  # before anything is written or built
     output_dir = Path(config.job.output_dir)
     setup_logging(output_dir, rank)
     if rank == 0:
         (output_dir / "config.toml").write_text(config.to_toml())
         logger.info("config (saved to %s):\n%s", output_dir / "config.toml", config.to_toml())
-    model_args = model_args_for(config, device)
-    check_layout(dims, config, model_args)
-    check_activation_checkpoint(config, model_args, device)
-    check_float8_support(config.float8, device, config.source)
-    check_profiling(config.profiling, device, config.source)
-    if config.parallelism.fsdp_cpu_offload and device.type != "cuda":
-        raise ConfigError(f"{config.source}: parallelism.fsdp_cpu_offload = true moves GPU memory to the CPU, "
-                          f"but this run is on {device.type}; set it to false")
     mesh = build_mesh(dims, device)
     dp_rank, dp_size = mesh.dp.get_local_rank(), mesh.dp.size()
     # The loss and the count of valid tokens are summed over every rank holding different tokens: the

@@ -33,7 +33,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Activati
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from torchtrain.config import Config, ConfigError
+from torchtrain.config import Config, ConfigError, check_choice, invalid
 
 __all__ = ["MODES", "apply_activation_checkpointing", "check_activation_checkpoint", "checkpointed_blocks",
            "selective_policy"]
@@ -100,18 +100,28 @@ def checkpointed_blocks(num_blocks: int, num_checkpointed: int) -> list[int]:
 
 
 def check_activation_checkpoint(config: Config, model_args: Any, device: torch.device) -> None:
-    """Reject, before anything is built, what config validation cannot know: the device and a "hf" model's depth.
+    """Every check of the [activation_checkpoint] keys: the mode, ``num_layers`` (only with "layers", within
+    the model's depth) and ``offload`` (only with a checkpointing mode, only on a GPU).
 
     NOTE: offloading moves accelerator memory to pinned host memory over a side stream; on a CPU
     the activations already are in host memory, so there is nothing to gain and no stream to use.
     """
     ac = config.activation_checkpoint
+    check_choice(config, "activation_checkpoint", "mode", MODES)
+    if ac.num_layers < 0:
+        raise invalid(config, "activation_checkpoint", "num_layers", "it must be zero or positive")
+    if ac.num_layers and ac.mode != "layers":
+        raise invalid(config, "activation_checkpoint", "num_layers", f"it is used by mode = 'layers' only (mode is "
+                                                                     f"{ac.mode!r}); set mode = 'layers' or num_layers = 0")
+    if ac.num_layers > model_args.num_layers:
+        raise invalid(config, "activation_checkpoint", "num_layers", f"model {config.model.name!r} has "
+                      f"{model_args.num_layers} blocks; valid: 0 .. {model_args.num_layers}")
+    if ac.offload and ac.mode == "none":
+        raise invalid(config, "activation_checkpoint", "offload", "it offloads the inputs of checkpointed blocks; set "
+                                                                  "mode to 'full', 'selective' or 'layers', or offload = false")
     if ac.offload and device.type != "cuda":
         raise ConfigError(f"{config.source}: activation_checkpoint.offload = true moves GPU activations to pinned "
                           f"CPU memory, but this run is on {device.type}; set it to false")
-    if ac.num_layers > model_args.num_layers:
-        raise ConfigError(f"{config.source}: activation_checkpoint.num_layers = {ac.num_layers} is invalid; model "
-                          f"{config.model.name!r} has {model_args.num_layers} blocks; valid: 0 .. {model_args.num_layers}")
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int = 0, offload: bool = False) -> None:

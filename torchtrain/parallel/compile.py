@@ -8,7 +8,15 @@ from typing import Callable
 import torch
 from torch import nn
 
+from torchtrain.config import Config, check_choice
+
 logger = logging.getLogger(__name__)
+
+BACKENDS = ("inductor", "aot_eager", "eager")  # compile.backend
+
+
+def check_compile(config: Config) -> None:
+    check_choice(config, "compile", "backend", BACKENDS)
 
 
 def backend_works(backend: str, device: torch.device) -> str | None:

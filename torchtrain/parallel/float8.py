@@ -29,23 +29,29 @@ import logging
 import torch
 from torch import nn
 
-from torchtrain.config import ConfigError, Float8
+from torchtrain.config import Config, ConfigError, Float8, check_choice
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_float8", "after_optimizer_step", "check_float8_support", "uses_float8_all_gather"]
+__all__ = ["RECIPES", "apply_float8", "after_optimizer_step", "check_float8", "uses_float8_all_gather"]
 
 MIN_CAPABILITY = (8, 9)
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # float8.recipe; see apply_float8
 
 
-def check_float8_support(settings: Float8, device: torch.device, source: str) -> None:
-    """Raise ConfigError (naming the recipe key) if ``float8.enabled`` is set for a device without float8 matmuls."""
+def check_float8(config: Config, device: torch.device) -> None:
+    """The recipe's float8 keys, and float8 matmuls on ``device`` (the GPU's compute capability is read
+    where one is visible: a plan for a CUDA device made without one skips that)."""
+    check_choice(config, "float8", "recipe", RECIPES)
+    settings, source = config.float8, config.source
     if not settings.enabled:
         return
     if device.type != "cuda":
         raise ConfigError(f"{source}: float8.enabled = true needs an NVIDIA GPU with float8 tensor cores "
                           f"(compute capability >= 8.9: L4/L40, H100/H200, B200), but this run is on {device.type}; "
                           "set float8.enabled = false")
+    if not torch.cuda.is_available():
+        return
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
         raise ConfigError(f"{source}: float8.enabled = true needs compute capability >= 8.9 (L4/L40, H100/H200, "

@@ -9,7 +9,18 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from torchtrain.config import Config, ConfigError, check_choice
+
 logger = logging.getLogger(__name__)
+
+RESHARD_SETTINGS = ("default", "always", "never")  # parallelism.fsdp_reshard_after_forward; see _reshard_policy
+
+
+def check_fsdp(config: Config, device: torch.device) -> None:
+    check_choice(config, "parallelism", "fsdp_reshard_after_forward", RESHARD_SETTINGS)
+    if config.parallelism.fsdp_cpu_offload and device.type != "cuda":
+        raise ConfigError(f"{config.source}: parallelism.fsdp_cpu_offload = true moves GPU memory to the CPU, "
+                          f"but this run is on {device.type}; set it to false")
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: str,

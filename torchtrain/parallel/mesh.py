@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from torchtrain.config import Config, ConfigError, Parallelism
+from torchtrain.config import Config, ConfigError, Parallelism, check_choice
 from torchtrain.models.llama import ModelArgs
-from torchtrain.parallel.pp import (ZERO_BUBBLE_SCHEDULES, check_schedule, resolve_microbatches,
+from torchtrain.parallel.cp import ROTATE_METHODS
+from torchtrain.parallel.pp import (SCHEDULES, ZERO_BUBBLE_SCHEDULES, check_schedule, resolve_microbatches,
                                     resolve_stages_per_rank, split_layers)
 
 # Mesh dimensions, outermost first. NOTE: tp is innermost so its ranks are neighbours (one node,
@@ -103,6 +104,8 @@ def check_layout(dims: ParallelDims, config: Config, model_args: ModelArgs) -> N
     Each message names the recipe key to change and what would work.
     """
     source, args = config.source, model_args
+    check_choice(config, "parallelism", "cp_rotate", ROTATE_METHODS)
+    check_choice(config, "parallelism", "pp_schedule", SCHEDULES)
     if dims.tp > 1:
         for what, size in (("num_heads", args.num_heads), ("num_kv_heads", args.num_kv_heads),
                            ("ffn_dim", args.ffn_dim), ("vocab_size", args.vocab_size)):
@@ -137,9 +140,6 @@ def _check_cp(dims: ParallelDims, config: Config) -> None:
     """Context parallelism cuts each sequence into 2 * cp equal chunks (two per rank, load-balanced),
     and sequence parallelism then splits a rank's share tp ways."""
     source, seq_len = config.source, config.training.seq_len
-    if config.parallelism.cp_rotate not in ("allgather", "ring"):
-        raise ConfigError(f"{source}: parallelism.cp_rotate = {config.parallelism.cp_rotate!r} is invalid; "
-                          "valid choices: 'allgather', 'ring'")
     if seq_len % (2 * dims.cp):
         raise ConfigError(
             f"{source}: parallelism.cp = {dims.cp} is invalid with training.seq_len = {seq_len}: context "

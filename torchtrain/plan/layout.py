@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from torchtrain.config import Config, ConfigError
-from torchtrain.parallel import ParallelDims, build_mesh, check_layout
+from torchtrain.checks import check_run
+from torchtrain.parallel import ParallelDims, build_mesh
 
 
 @dataclasses.dataclass
@@ -45,9 +46,8 @@ def check_recipe(config: Config, world_size: int) -> list[RankReport]:
 
     # Compile wraps lazily and needs a working backend on the target device; it adds no parameters.
     config = dataclasses.replace(config, compile=dataclasses.replace(config.compile, enabled=False))
-    dims = ParallelDims.resolve(config.parallelism, world_size, config.source)
     model_args = model_args_for(config, torch.device("cuda"))  # the layout of a GPU run
-    check_layout(dims, config, model_args)
+    dims = check_run(config, model_args, world_size, torch.device("cuda"))
     ranks_per_stage = world_size // dims.pp
     reports = []
     for pp_rank in range(dims.pp):

@@ -23,7 +23,8 @@ import torch
 
 from torchtrain.config import Config, ConfigError
 from torchtrain.models import ModelArgs
-from torchtrain.parallel import ParallelDims, check_layout
+from torchtrain.checks import check_run
+from torchtrain.parallel import ParallelDims
 from torchtrain.parallel.mesh import MESH_DIMS, pipeline_settings
 from torchtrain.plan.counters import CommVolume
 from torchtrain.plan.depth import measure_rank_by_depth
@@ -103,9 +104,7 @@ def plan_layout(config: Config, model_args: ModelArgs, world_size: int, gpu: GPU
     keeps the most microbatches in flight, the last holds the output layer). ``exact``: trace every
     block instead of a few per stage (:mod:`torchtrain.plan.depth`).
     """
-    dims = ParallelDims.resolve(config.parallelism, world_size, config.source)
-    check_layout(dims, config, model_args)
-    _check_activation_checkpoint(config, model_args, target)
+    dims = check_run(config, model_args, world_size, torch.device(target.device_type))
     pipe = pipeline_settings(config, dims)
     roles = []
     for pp_rank in sorted({0, dims.pp - 1}) if ends_only else range(dims.pp):
@@ -124,14 +123,6 @@ def plan_layout(config: Config, model_args: ModelArgs, world_size: int, gpu: GPU
         plan.notes.append("cp_rotate = 'ring': its attention FLOPs and point-to-point traffic are not counted, so "
                           "the step time is too low; memory is measured. Plan with 'allgather' to compare speed.")
     return plan
-
-
-def _check_activation_checkpoint(config: Config, model_args: ModelArgs, target: Target) -> None:
-    try:
-        from torchtrain.parallel.ac import check_activation_checkpoint
-    except ImportError:  # an older trainer without the checkpointing modes' checks
-        return
-    check_activation_checkpoint(config, model_args, torch.device(target.device_type))
 
 
 def role_plan(measure: RankMeasure, config: Config, model_args: ModelArgs, dims: ParallelDims,
@@ -266,8 +257,7 @@ def check_world_size(world_size: int) -> None:
 def predict_peaks(config: Config, model_args: ModelArgs, world_size: int, target: Target,
                   exact: bool = False) -> list[tuple[int, int]]:
     """(pp_rank, predicted peak bytes) of each pipeline rank: the memory part of a plan alone."""
-    dims = ParallelDims.resolve(config.parallelism, world_size, config.source)
-    check_layout(dims, config, model_args)
+    dims = check_run(config, model_args, world_size, torch.device(target.device_type))
     peaks = []
     for pp_rank in range(dims.pp):
         measure = measure_rank_by_depth(config, model_args, dims, pp_rank * (world_size // dims.pp), target, exact)

@@ -2,7 +2,7 @@
 
 Enumerates tensor parallel sizes (divisors of the heads, FFN, vocabulary and sequence, within a
 node), context parallel (when the trainer supports it), pipeline sizes and schedules, HSDP
-splits, activation checkpointing modes (whatever ``config.CHOICES`` lists), microbatch sizes and
+splits, activation checkpointing modes (whatever ``parallel.ac.MODES`` lists), microbatch sizes and
 FSDP resharding, keeping the recipe's global batch (samples x sequence). Each layout is first
 estimated in closed form (:mod:`torchtrain.plan.estimate`, microseconds); those that fit there
 are measured with the fake step in order of estimated speed until ``top`` of them fit when
@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from torchtrain.config import CHOICES, Config, ConfigError, load_config
+from torchtrain.config import Config, ConfigError, load_config
 from torchtrain.models import ModelArgs
+from torchtrain.parallel.ac import MODES
 from torchtrain.parallel.pp import check_schedule
 from torchtrain.plan.estimate import Layout, estimate
 from torchtrain.plan.planner import Plan, plan_layout
@@ -43,7 +44,7 @@ def divisors(n: int) -> list[int]:
 def layouts(config: Config, args: ModelArgs, world_size: int) -> list[Layout]:
     seq = config.training.seq_len
     global_samples = config.training.local_batch_size * config.training.grad_accum_steps * _recipe_dp(config, world_size)
-    ac_modes = [m for m in CHOICES[("activation_checkpoint", "mode")]]
+    ac_modes = list(MODES)
     out = []
     for tp in divisors(world_size):
         if tp > GPUS_PER_NODE or any(x % tp for x in (args.num_heads, args.num_kv_heads, args.ffn_dim,

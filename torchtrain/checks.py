@@ -1,0 +1,48 @@
+"""Every check of a run, in one pass before anything expensive is built.
+
+:func:`torchtrain.config.load_config` checks what needs nothing but the recipe (types, ranges, keys that
+depend on each other). What needs the model's shape, the world size or the device, and every key whose
+values a module defines (an attention backend, a pipeline schedule, a checkpointing mode ...), is checked
+here, by each module's own check, against the list that module implements. Training and planning run
+:func:`check_run`; generation and export, which run the recipe's model in one process, :func:`check_model`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchtrain.checkpoint import check_checkpoint
+from torchtrain.config import Config, check_choice
+from torchtrain.models.attention import BACKENDS
+from torchtrain.models.llama import ModelArgs
+from torchtrain.optim import check_optimizer
+from torchtrain.parallel.ac import check_activation_checkpoint
+from torchtrain.parallel.compile import check_compile
+from torchtrain.parallel.float8 import check_float8
+from torchtrain.parallel.fsdp import check_fsdp
+from torchtrain.parallel.mesh import ParallelDims, check_layout
+from torchtrain.profiling import check_profiling
+
+__all__ = ["check_model", "check_run"]
+
+
+def check_model(config: Config) -> None:
+    """The recipe's model keys that the model shape does not settle."""
+    check_choice(config, "model", "attention", ("auto", *BACKENDS))
+
+
+def check_run(config: Config, model_args: ModelArgs, world_size: int, device: torch.device) -> ParallelDims:
+    """Check the whole run (``model_args`` from :func:`torchtrain.models.shape.model_args_for`, on
+    ``world_size`` processes of ``device``) and return its mesh sizes; raise ConfigError naming the
+    recipe, the key and what would work."""
+    check_model(config)
+    check_optimizer(config)
+    check_checkpoint(config)
+    check_compile(config)
+    check_float8(config, device)
+    check_profiling(config, device)
+    check_activation_checkpoint(config, model_args, device)
+    check_fsdp(config, device)
+    dims = ParallelDims.resolve(config.parallelism, world_size, config.source)
+    check_layout(dims, config, model_args)
+    return dims
