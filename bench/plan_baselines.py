@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from torchtrain.config import ConfigError, load_config  # noqa: E402
 from torchtrain.plan.cli import planning_config  # noqa: E402
-from torchtrain.parallel.mesh import pipeline_settings  # noqa: E402
+from torchtrain.parallel.pp import pipeline_settings  # noqa: E402
 from torchtrain.plan.fake_step import Target  # noqa: E402
 from torchtrain.plan.planner import hidden_shard_bytes, plan_layout, role_time  # noqa: E402
 from torchtrain.plan.search import search  # noqa: E402
@@ -158,7 +158,7 @@ def plan_candidate(row: str, name: str, ends_only: bool = True) -> dict:
         plan = plan_layout(config, args, gpus, GPU, DEFAULT_EFFICIENCY, ends_only=ends_only)
         out.update(summary(plan))
         if plan.dims.pp > 1:
-            pipe = pipeline_settings(config, plan.dims)
+            pipe = pipeline_settings(config, plan.dims.pp)
             shard = hidden_shard_bytes(config, args, plan.dims, Target())
             middle = 3 * pipe.num_microbatches * shard * pipe.stages_per_rank  # two middle stages per rank
             out["middle_rank_pipeline_buffers_gib"] = middle / 2**30

@@ -36,10 +36,9 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,87 +46,17 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from torchtrain.models.hf import _PER_LAYER, _TOP_LEVEL, hf_config, model_args_from_hf_config, to_hf_state_dict
+from torchtrain.models.hf import (SCHEMES, PackedShapeError, hf_config, hf_source, model_args_from_hf_config,
+                                  scheme_of, to_hf_state_dict, unpack_qkv)
 from torchtrain.models.llama import ModelArgs, Transformer
 from torchtrain.parallel.init import copy_full_into
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_hf_weights", "model_args_from_hf_config", "export_hf",
-           "hf_weight_files", "read_dcp_model_state", "SCHEMES"]
+__all__ = ["load_hf_weights", "export_hf", "hf_weight_files", "read_dcp_model_state"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-# scheme -> (our top-level name -> HF name, our per-layer module -> (HF module, part of a packed tensor or None),
-#            HF per-layer prefix)
-_QKV = {"attention.wq": "q", "attention.wk": "k", "attention.wv": "v"}
-SCHEMES: dict[str, tuple[dict[str, str], dict[str, tuple[str, Optional[str]]], str]] = {
-    "llama": ({ours: hf for hf, ours in _TOP_LEVEL.items()},
-              {ours: (hf, None) for hf, ours in _PER_LAYER.items()}, "model.layers."),
-    "qwen": ({"tok_embeddings.weight": "transformer.wte.weight", "norm.weight": "transformer.ln_f.weight",
-              "output.weight": "lm_head.weight"},
-             {**{m: ("attn.c_attn", part) for m, part in _QKV.items()},
-              "attention.wo": ("attn.c_proj", None),
-              "feed_forward.w1": ("mlp.w2", None),  # Qwen 1's gate is w2: c_proj(w1(x) * silu(w2(x)))
-              "feed_forward.w3": ("mlp.w1", None),
-              "feed_forward.w2": ("mlp.c_proj", None),
-              "attention_norm": ("ln_1", None), "ffn_norm": ("ln_2", None)}, "transformer.h."),
-    "internlm2": ({"tok_embeddings.weight": "model.tok_embeddings.weight", "norm.weight": "model.norm.weight",
-                   "output.weight": "output.weight"},
-                  {**{m: ("attention.wqkv", part) for m, part in _QKV.items()},
-                   **{m: (m, None) for m in ("attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
-                                             "attention_norm", "ffn_norm")}}, "model.layers."),
-}
-_OUR_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)")
-
-
-@dataclass(frozen=True)
-class _Source:
-    key: str  # HF tensor name
-    part: Optional[str] = None  # "q", "k" or "v" of a packed q/k/v tensor
-
-
-def _source(name: str, scheme: str, args: ModelArgs) -> _Source:
-    top, per_layer, prefix = SCHEMES[scheme]
-    if name == "output.weight" and args.tie_embeddings:
-        return _Source(top["tok_embeddings.weight"])
-    if name in top:
-        return _Source(top[name])
-    match = _OUR_LAYER_KEY.fullmatch(name)
-    if match is not None and match.group(2) in per_layer:
-        layer, module, kind = match.groups()
-        hf_module, part = per_layer[module]
-        return _Source(f"{prefix}{layer}.{hf_module}.{kind}", part)
-    raise ValueError(f"no Hugging Face name for parameter {name!r} in naming scheme {scheme!r}")
-
-
-def _unpack(tensor: Tensor, part: Optional[str], scheme: str, args: ModelArgs) -> Tensor:
-    """Our q, k or v slice of a packed q/k/v weight or bias (the whole tensor if ``part`` is None)."""
-    if part is None:
-        return tensor
-    hd, kv = args.head_dim, args.num_kv_heads
-    q_per_kv = args.num_heads // kv
-    index = "qkv".index(part)
-    if scheme == "qwen":  # [q; k; v] stacked along dim 0
-        sizes = [args.num_heads * hd, kv * hd, kv * hd]
-        if tensor.shape[0] != sum(sizes):
-            raise _ShapeError(f"packed q/k/v rows {sum(sizes)}", tensor.shape)
-        return tensor.split(sizes, dim=0)[index]
-    # internlm2: [kv groups, q_per_kv + 2 (q..., k, v), head_dim, (dim)]
-    rows = kv * (q_per_kv + 2) * hd
-    if tensor.shape[0] != rows:
-        raise _ShapeError(f"packed q/k/v rows {rows}", tensor.shape)
-    grouped = tensor.reshape(kv, q_per_kv + 2, hd, *tensor.shape[1:])
-    picked = grouped[:, :q_per_kv] if part == "q" else grouped[:, q_per_kv + index - 1: q_per_kv + index]
-    return picked.reshape(-1, *tensor.shape[1:])
-
-
-class _ShapeError(Exception):
-    def __init__(self, expected: str, got: torch.Size):
-        super().__init__(expected, got)
-        self.expected, self.got = expected, got
-
 
 def hf_weight_files(folder: str | Path) -> dict[str, str]:
     """HF tensor name -> the safetensors file (a name in ``folder``) holding it, from the index
@@ -147,14 +76,6 @@ def hf_weight_files(folder: str | Path) -> dict[str, str]:
         with safe_open(single, framework="pt", device="cpu") as f:
             return {key: SINGLE_FILE for key in f.keys()}
     raise ValueError(f"{folder} is not a Hugging Face model folder: it has neither {SINGLE_FILE} nor {INDEX_FILE}")
-
-
-def _scheme_of(keys: set[str]) -> str:
-    if "transformer.wte.weight" in keys or any(k.startswith("transformer.h.") for k in keys):
-        return "qwen"
-    if "model.tok_embeddings.weight" in keys or any(".attention.wqkv." in k for k in keys):
-        return "internlm2"
-    return "llama"
 
 
 def _check_config(folder: Path, args: ModelArgs) -> None:
@@ -186,13 +107,13 @@ def load_hf_weights(model: nn.Module, folder: str | Path, model_args: ModelArgs)
 
     folder = Path(folder)
     files = hf_weight_files(folder)
-    scheme = _scheme_of(set(files))
+    scheme = scheme_of(set(files))
     _check_config(folder, model_args)
 
     # Every tensor the whole model would read: anything else in the folder is unexpected.
     with torch.device("meta"):
         whole = Transformer(model_args)
-    expected = {_source(name, scheme, model_args).key for name, _ in whole.named_parameters(remove_duplicate=False)}
+    expected = {hf_source(name, scheme, model_args).key for name, _ in whole.named_parameters(remove_duplicate=False)}
     ignorable = {k for k in files if k.endswith("rotary_emb.inv_freq")}
     if model_args.tie_embeddings:
         ignorable.add(SCHEMES[scheme][0]["output.weight"])  # some tied checkpoints still store the copy
@@ -205,7 +126,7 @@ def load_hf_weights(model: nn.Module, folder: str | Path, model_args: ModelArgs)
     plan: dict[str, dict[str, list[tuple[str, nn.Parameter, Optional[str]]]]] = {}
     missing = []
     for name, param in model.named_parameters():
-        src = _source(name, scheme, model_args)
+        src = hf_source(name, scheme, model_args)
         if src.key not in files:
             missing.append(f"{src.key} (for {name})")
             continue
@@ -219,8 +140,8 @@ def load_hf_weights(model: nn.Module, folder: str | Path, model_args: ModelArgs)
                 tensor = f.get_tensor(key)
                 for name, param, part in uses:
                     try:
-                        value = _unpack(tensor, part, scheme, model_args)
-                    except _ShapeError as e:
+                        value = unpack_qkv(tensor, part, scheme, model_args)
+                    except PackedShapeError as e:
                         raise ValueError(f"{folder}: tensor {key!r} in {file} has shape {tuple(e.got)}, but "
                                          f"{e.expected} are expected for {name!r}") from None
                     if value.shape != param.shape:

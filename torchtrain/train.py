@@ -37,8 +37,7 @@ from torchtrain.parallel.float8 import after_optimizer_step
 from torchtrain.profiling import StepProfiler
 from torchtrain.parallel.cp import batch_sharder
 from torchtrain.parallel.init import full_parameters
-from torchtrain.parallel.mesh import pipeline_settings
-from torchtrain.parallel.pp import Pipeline, build_pipeline, build_stage, merge_stages, split_layers, stage_ids_for_rank
+from torchtrain.parallel.pp import Pipeline, build_pipeline, merge_stages, pipeline_settings, split_model
 
 logger = logging.getLogger("torchtrain")
 
@@ -243,14 +242,7 @@ def build_model(model_args: ModelArgs, config: Config, mesh, dims: ParallelDims,
     """
     with torch.device("meta"):
         whole = Transformer(model_args)
-    pipe = pipeline_settings(config, dims)
-    if dims.pp > 1:
-        layers = split_layers(model_args, pipe.num_stages, config.parallelism.pp_layers_per_stage,
-                              config.training.seq_len)
-        stage_ids = stage_ids_for_rank(mesh["pp"].get_local_rank(), dims.pp, pipe.stages_per_rank, pipe.schedule)
-        stages = [build_stage(whole, layers[i], i == 0, i == pipe.num_stages - 1) for i in stage_ids]
-    else:
-        stage_ids, stages = [0], [whole]
+    stage_ids, stages = split_model(whole, config, dims.pp, mesh["pp"].get_local_rank())
     for stage in stages:
         parallelize(stage, config, mesh, dims, device, param_dtype)
     if materialize:
@@ -259,6 +251,7 @@ def build_model(model_args: ModelArgs, config: Config, mesh, dims: ParallelDims,
             stage.init_weights(seed=config.job.seed, unit_scope=full_parameters)
     parts = ModelParts(model=merge_stages(stages) if dims.pp > 1 else whole, stages=stages)
     if dims.pp > 1 and materialize:
+        pipe = pipeline_settings(config, dims.pp)
         parts.pipeline = build_pipeline(stages, stage_ids, pipe.num_stages, mesh["pp"], device, pipe.schedule,
                                         pipe.num_microbatches)
     logger.info("model %s: %.1fM parameters (%.1fM without embeddings)", config.model.name,

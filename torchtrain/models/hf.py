@@ -13,21 +13,26 @@ a test dependency.
 * ``model_args_from_hf_config(config_json)``: ``ModelArgs`` from a released ``config.json`` of
   Llama 2/3, Qwen2/2.5, Qwen (1), InternLM and InternLM2 (``HF_MODEL_TYPES``).
 
-The packed-tensor layouts of Qwen (1) and InternLM2 are handled when reading checkpoints, in
-``torchtrain.hf_checkpoint``.
+* ``SCHEMES``: how each family's checkpoints name our tensors (``llama``: Llama 2/3, Qwen2/2.5 and
+  InternLM 1; ``qwen``: Qwen 1; ``internlm2``), picked from a folder's tensor names by ``scheme_of``;
+  ``hf_source(name, scheme, args)`` is the checkpoint tensor (and the q/k/v part of a packed one)
+  holding our parameter ``name``, ``unpack_qkv`` cuts that part out. ``torchtrain.hf_checkpoint``
+  reads and writes the files with these tables.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
+import torch
 from torch import Tensor
 
 from torchtrain.models.llama import ModelArgs, RopeScaling
 
-__all__ = ["HF_ARCHITECTURES", "HF_MODEL_TYPES", "hf_config", "from_hf_state_dict", "to_hf_state_dict",
-           "model_args_from_hf_config"]
+__all__ = ["HF_ARCHITECTURES", "HF_MODEL_TYPES", "SCHEMES", "hf_config", "from_hf_state_dict", "to_hf_state_dict",
+           "model_args_from_hf_config", "hf_source", "scheme_of", "unpack_qkv"]
 
 HF_ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",  # bias on q/k/v/o together or not at all (attention_bias)
@@ -222,3 +227,82 @@ def model_args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
         qkv_bias=qkv_bias, out_bias=out_bias, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
     args.validate()
     return args
+
+
+# ---- Checkpoint naming schemes: how each family names our tensors in its safetensors files
+
+# scheme -> (our top-level name -> HF name, our per-layer module -> (HF module, part of a packed tensor or None),
+#            HF per-layer prefix)
+_QKV = {"attention.wq": "q", "attention.wk": "k", "attention.wv": "v"}
+SCHEMES: dict[str, tuple[dict[str, str], dict[str, tuple[str, Optional[str]]], str]] = {
+    "llama": ({ours: hf for hf, ours in _TOP_LEVEL.items()},
+              {ours: (hf, None) for hf, ours in _PER_LAYER.items()}, "model.layers."),
+    "qwen": ({"tok_embeddings.weight": "transformer.wte.weight", "norm.weight": "transformer.ln_f.weight",
+              "output.weight": "lm_head.weight"},
+             {**{m: ("attn.c_attn", part) for m, part in _QKV.items()},
+              "attention.wo": ("attn.c_proj", None),
+              "feed_forward.w1": ("mlp.w2", None),  # Qwen 1's gate is w2: c_proj(w1(x) * silu(w2(x)))
+              "feed_forward.w3": ("mlp.w1", None),
+              "feed_forward.w2": ("mlp.c_proj", None),
+              "attention_norm": ("ln_1", None), "ffn_norm": ("ln_2", None)}, "transformer.h."),
+    "internlm2": ({"tok_embeddings.weight": "model.tok_embeddings.weight", "norm.weight": "model.norm.weight",
+                   "output.weight": "output.weight"},
+                  {**{m: ("attention.wqkv", part) for m, part in _QKV.items()},
+                   **{m: (m, None) for m in ("attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
+                                             "attention_norm", "ffn_norm")}}, "model.layers."),
+}
+
+
+@dataclass(frozen=True)
+class HFSource:
+    key: str  # HF tensor name
+    part: Optional[str] = None  # "q", "k" or "v" of a packed q/k/v tensor
+
+
+def hf_source(name: str, scheme: str, args: ModelArgs) -> HFSource:
+    top, per_layer, prefix = SCHEMES[scheme]
+    if name == "output.weight" and args.tie_embeddings:
+        return HFSource(top["tok_embeddings.weight"])
+    if name in top:
+        return HFSource(top[name])
+    match = _OUR_LAYER_KEY.fullmatch(name)
+    if match is not None and match.group(2) in per_layer:
+        layer, module, kind = match.groups()
+        hf_module, part = per_layer[module]
+        return HFSource(f"{prefix}{layer}.{hf_module}.{kind}", part)
+    raise ValueError(f"no Hugging Face name for parameter {name!r} in naming scheme {scheme!r}")
+
+
+def unpack_qkv(tensor: Tensor, part: Optional[str], scheme: str, args: ModelArgs) -> Tensor:
+    """Our q, k or v slice of a packed q/k/v weight or bias (the whole tensor if ``part`` is None)."""
+    if part is None:
+        return tensor
+    hd, kv = args.head_dim, args.num_kv_heads
+    q_per_kv = args.num_heads // kv
+    index = "qkv".index(part)
+    if scheme == "qwen":  # [q; k; v] stacked along dim 0
+        sizes = [args.num_heads * hd, kv * hd, kv * hd]
+        if tensor.shape[0] != sum(sizes):
+            raise PackedShapeError(f"packed q/k/v rows {sum(sizes)}", tensor.shape)
+        return tensor.split(sizes, dim=0)[index]
+    # internlm2: [kv groups, q_per_kv + 2 (q..., k, v), head_dim, (dim)]
+    rows = kv * (q_per_kv + 2) * hd
+    if tensor.shape[0] != rows:
+        raise PackedShapeError(f"packed q/k/v rows {rows}", tensor.shape)
+    grouped = tensor.reshape(kv, q_per_kv + 2, hd, *tensor.shape[1:])
+    picked = grouped[:, :q_per_kv] if part == "q" else grouped[:, q_per_kv + index - 1: q_per_kv + index]
+    return picked.reshape(-1, *tensor.shape[1:])
+
+
+class PackedShapeError(Exception):
+    def __init__(self, expected: str, got: torch.Size):
+        super().__init__(expected, got)
+        self.expected, self.got = expected, got
+
+
+def scheme_of(keys: set[str]) -> str:
+    if "transformer.wte.weight" in keys or any(k.startswith("transformer.h.") for k in keys):
+        return "qwen"
+    if "model.tok_embeddings.weight" in keys or any(".attention.wqkv." in k for k in keys):
+        return "internlm2"
+    return "llama"

@@ -13,8 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torchtrain.config import Config, ConfigError, Parallelism, check_choice
 from torchtrain.models.llama import ModelArgs
 from torchtrain.parallel.cp import ROTATE_METHODS
-from torchtrain.parallel.pp import (SCHEDULES, ZERO_BUBBLE_SCHEDULES, check_schedule, resolve_microbatches,
-                                    resolve_stages_per_rank, split_layers)
+from torchtrain.parallel.pp import SCHEDULES, ZERO_BUBBLE_SCHEDULES, check_schedule, pipeline_settings, split_layers
 
 # Mesh dimensions, outermost first. NOTE: tp is innermost so its ranks are neighbours (one node,
 # fastest links); pp outermost because it only sends activations between stages.
@@ -81,23 +80,6 @@ class ParallelDims:
         return self.dp * self.cp
 
 
-@dataclass(frozen=True)
-class PipelineSettings:
-    """The recipe's pipeline settings with their defaults (0 = automatic) filled in."""
-
-    schedule: str
-    stages_per_rank: int
-    num_stages: int
-    num_microbatches: int
-
-
-def pipeline_settings(config: Config, dims: ParallelDims) -> PipelineSettings:
-    p = config.parallelism
-    stages_per_rank = resolve_stages_per_rank(p.pp_schedule, p.pp_stages_per_rank)
-    microbatches = resolve_microbatches(p.pp_microbatches, config.training.local_batch_size)
-    return PipelineSettings(p.pp_schedule, stages_per_rank, dims.pp * stages_per_rank, microbatches)
-
-
 def check_layout(dims: ParallelDims, config: Config, model_args: ModelArgs) -> None:
     """Reject every layout the model or the batch cannot be split into, before anything is built.
 
@@ -124,7 +106,7 @@ def check_layout(dims: ParallelDims, config: Config, model_args: ModelArgs) -> N
     if dims.pp > 1:
         # The pipeline module's own checks, run now rather than when the stages are built.
         try:
-            pipe = pipeline_settings(config, dims)
+            pipe = pipeline_settings(config, dims.pp)
             check_schedule(pipe.schedule, dims.pp, pipe.stages_per_rank, pipe.num_microbatches)
             split_layers(args, pipe.num_stages, config.parallelism.pp_layers_per_stage, config.training.seq_len)
         except ValueError as e:

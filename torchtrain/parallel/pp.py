@@ -54,10 +54,12 @@ from torch.distributed.pipelining.schedules import (
     _PipelineScheduleRuntime,
 )
 
+from torchtrain.config import Config
 from torchtrain.models.llama import ModelArgs, Transformer
 
-__all__ = ["SCHEDULES", "Pipeline", "build_pipeline", "build_stage", "check_schedule", "merge_stages",
-           "resolve_microbatches", "resolve_stages_per_rank", "split_layers", "stage_ids_for_rank"]
+__all__ = ["SCHEDULES", "Pipeline", "PipelineSettings", "build_pipeline", "build_stage", "check_schedule",
+           "merge_stages", "pipeline_settings", "resolve_microbatches", "resolve_stages_per_rank", "split_layers",
+           "split_model", "stage_ids_for_rank"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +117,23 @@ def resolve_microbatches(num_microbatches: int, local_batch_size: int) -> int:
         raise ValueError(f"parallelism.pp_microbatches={num_microbatches} must divide "
                          f"training.local_batch_size={local_batch_size}")
     return num_microbatches
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """The recipe's pipeline settings with their defaults (0 = automatic) filled in."""
+
+    schedule: str
+    stages_per_rank: int
+    num_stages: int
+    num_microbatches: int
+
+
+def pipeline_settings(config: Config, pp_size: int) -> PipelineSettings:
+    p = config.parallelism
+    stages_per_rank = resolve_stages_per_rank(p.pp_schedule, p.pp_stages_per_rank)
+    microbatches = resolve_microbatches(p.pp_microbatches, config.training.local_batch_size)
+    return PipelineSettings(p.pp_schedule, stages_per_rank, pp_size * stages_per_rank, microbatches)
 
 
 def check_schedule(schedule: str, pp_size: int, stages_per_rank: int, num_microbatches: int) -> None:
@@ -285,6 +304,18 @@ def build_stage(model: Transformer, layer_ids: list[int], is_first: bool, is_las
         stage.norm = None
         stage.output = None
     return stage
+
+
+def split_model(model: Transformer, config: Config, pp_size: int, pp_rank: int) -> tuple[list[int], list[Transformer]]:
+    """Pipeline rank ``pp_rank``'s stages of ``model`` (on the meta device) and their stage ids: the
+    recipe's split of the blocks (:func:`split_layers`), placed by its schedule. At pp = 1, ``model``
+    itself is stage 0."""
+    if pp_size == 1:
+        return [0], [model]
+    pipe = pipeline_settings(config, pp_size)
+    layers = split_layers(model.args, pipe.num_stages, config.parallelism.pp_layers_per_stage, config.training.seq_len)
+    stage_ids = stage_ids_for_rank(pp_rank, pp_size, pipe.stages_per_rank, pipe.schedule)
+    return stage_ids, [build_stage(model, layers[i], i == 0, i == pipe.num_stages - 1) for i in stage_ids]
 
 
 def merge_stages(stages: list[nn.Module]) -> nn.Module:

@@ -20,7 +20,8 @@ import torch
 
 from torchtrain.config import Config, ConfigError, load_config, recipe_help
 from torchtrain.parallel import ParallelDims
-from torchtrain.parallel.mesh import MESH_DIMS, pipeline_settings
+from torchtrain.parallel.mesh import MESH_DIMS
+from torchtrain.parallel.pp import pipeline_settings
 from torchtrain.plan.layout import check_recipe, world_size_of
 from torchtrain.plan.planner import IN_FLIGHT, PIPELINE_BUFFERS, Plan, plan_layout
 from torchtrain.plan.timing import DEFAULT_EFFICIENCY, GPUS, gpu_named
@@ -94,7 +95,7 @@ def header(config: Config, dims: ParallelDims, world_size: int) -> str:
     layout = " x ".join(f"{name} {size}" for name, size in zip(MESH_DIMS, dims.sizes) if size > 1) or "1 rank"
     lines = [f"{config.source}: {config.model.name} on {world_size} ranks: {layout}"]
     if dims.pp > 1:
-        pipe = pipeline_settings(config, dims)
+        pipe = pipeline_settings(config, dims.pp)
         lines.append(f"pipeline: {pipe.schedule}, {pipe.num_stages} stages, {pipe.num_microbatches} microbatches")
     return "\n".join(lines)
 

@@ -39,8 +39,7 @@ from collections.abc import Callable
 from torchtrain.config import Config
 from torchtrain.models import ModelArgs
 from torchtrain.parallel import ParallelDims
-from torchtrain.parallel.mesh import pipeline_settings
-from torchtrain.parallel.pp import split_layers, stage_ids_for_rank
+from torchtrain.parallel.pp import pipeline_settings, split_layers, stage_ids_for_rank
 from torchtrain.plan.counters import CommVolume
 from torchtrain.plan.fake_step import RankMeasure, Target, measure_rank
 from torchtrain.plan.tracker import MemorySnapshot
@@ -53,7 +52,7 @@ def stage_blocks(config: Config, model_args: ModelArgs, dims: ParallelDims, pp_r
     """{stage id: its block indices} for the stages of pipeline rank ``pp_rank`` (the trainer's split)."""
     if dims.pp == 1:
         return {0: list(range(model_args.num_layers))}
-    pipe = pipeline_settings(config, dims)
+    pipe = pipeline_settings(config, dims.pp)
     layers = split_layers(model_args, pipe.num_stages, config.parallelism.pp_layers_per_stage, config.training.seq_len)
     return {s: list(layers[s]) for s in stage_ids_for_rank(pp_rank, dims.pp, pipe.stages_per_rank, pipe.schedule)}
 

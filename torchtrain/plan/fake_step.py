@@ -34,8 +34,8 @@ from torchtrain.config import Config
 from torchtrain.data import Batch
 from torchtrain.models import ModelArgs
 from torchtrain.parallel import ParallelDims, build_mesh
-from torchtrain.parallel.mesh import MESH_DIMS, pipeline_settings
-from torchtrain.parallel.pp import stage_ids_for_rank
+from torchtrain.parallel.mesh import MESH_DIMS
+from torchtrain.parallel.pp import pipeline_settings, stage_ids_for_rank
 from torchtrain.plan.counters import CommVolume, StepCounter, comm_since, copy_comm
 from torchtrain.plan.tracker import MemorySnapshot, MemoryTracker, fsdp_known_tensors
 
@@ -87,13 +87,13 @@ class RankMeasure:
 def microbatch_size(config: Config, dims: ParallelDims) -> int:
     """Samples in one forward: the pipeline splits local_batch_size into pp_microbatches."""
     if dims.pp > 1:
-        return config.training.local_batch_size // pipeline_settings(config, dims).num_microbatches
+        return config.training.local_batch_size // pipeline_settings(config, dims.pp).num_microbatches
     return config.training.local_batch_size
 
 
 def microbatches_per_step(config: Config, dims: ParallelDims) -> int:
     """Forward-backward passes of each stage per optimizer step."""
-    per_pipeline_step = pipeline_settings(config, dims).num_microbatches if dims.pp > 1 else 1
+    per_pipeline_step = pipeline_settings(config, dims.pp).num_microbatches if dims.pp > 1 else 1
     return config.training.grad_accum_steps * per_pipeline_step
 
 
@@ -156,7 +156,7 @@ def _keep_blocks(parts, keep: dict[int, list[int]], mesh, config: Config, dims: 
     """
     from torchtrain.parallel.pp import merge_stages
 
-    pipe = pipeline_settings(config, dims)
+    pipe = pipeline_settings(config, dims.pp)
     stage_ids = (stage_ids_for_rank(mesh["pp"].get_local_rank(), dims.pp, pipe.stages_per_rank, pipe.schedule)
                  if dims.pp > 1 else [0])
     for stage_id, stage in zip(stage_ids, parts.stages):
@@ -188,7 +188,7 @@ def _measure(config, model_args, dims, mesh, parts, rank, target, device) -> Ran
     autocast = (torch.autocast(device.type, dtype=target.param_dtype)
                 if target.param_dtype != torch.float32 and not fsdp else contextlib.nullcontext())
     pp_rank = mesh["pp"].get_local_rank()
-    pipe = pipeline_settings(config, dims)
+    pipe = pipeline_settings(config, dims.pp)
     stage_ids = (stage_ids_for_rank(pp_rank, dims.pp, pipe.stages_per_rank, pipe.schedule)
                  if dims.pp > 1 else [0])
     hidden_dtype = target.param_dtype if fsdp else torch.float32  # autocast keeps the residual stream fp32

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from torchtrain.config import Config, ConfigError
 from torchtrain.checks import check_run
-from torchtrain.parallel import ParallelDims, build_mesh
+from torchtrain.parallel import build_mesh
 
 
 @dataclasses.dataclass

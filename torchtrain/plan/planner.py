@@ -25,7 +25,8 @@ from torchtrain.config import Config, ConfigError
 from torchtrain.models import ModelArgs
 from torchtrain.checks import check_run
 from torchtrain.parallel import ParallelDims
-from torchtrain.parallel.mesh import MESH_DIMS, pipeline_settings
+from torchtrain.parallel.mesh import MESH_DIMS
+from torchtrain.parallel.pp import pipeline_settings
 from torchtrain.plan.counters import CommVolume
 from torchtrain.plan.depth import measure_rank_by_depth
 from torchtrain.plan.fake_step import RankMeasure, Target, microbatch_size
@@ -105,7 +106,7 @@ def plan_layout(config: Config, model_args: ModelArgs, world_size: int, gpu: GPU
     block instead of a few per stage (:mod:`torchtrain.plan.depth`).
     """
     dims = check_run(config, model_args, world_size, torch.device(target.device_type))
-    pipe = pipeline_settings(config, dims)
+    pipe = pipeline_settings(config, dims.pp)
     roles = []
     for pp_rank in sorted({0, dims.pp - 1}) if ends_only else range(dims.pp):
         rank = pp_rank * (world_size // dims.pp)
@@ -128,7 +129,7 @@ def plan_layout(config: Config, model_args: ModelArgs, world_size: int, gpu: GPU
 def role_plan(measure: RankMeasure, config: Config, model_args: ModelArgs, dims: ParallelDims,
               target: Target) -> RolePlan:
     peak, breakdown, in_flight = predicted_peak(measure, config, model_args, dims, target)
-    pipe = pipeline_settings(config, dims)
+    pipe = pipeline_settings(config, dims.pp)
     accum = config.training.grad_accum_steps
     per_step = accum * (pipe.num_microbatches if dims.pp > 1 else 1)  # microbatch forwards per step
     flops = sum(s.flops_per_microbatch for s in measure.stages) * per_step
@@ -153,7 +154,7 @@ def predicted_peak(measure: RankMeasure, config: Config, model_args: ModelArgs, 
     peak = measure.step_peak.total
     if dims.pp == 1:
         return peak, breakdown, {}
-    pipe = pipeline_settings(config, dims)
+    pipe = pipeline_settings(config, dims.pp)
     stage_ids = [s.stage_id for s in measure.stages]
     events = backward_events(pipe.schedule, dims.pp, measure.pp_rank, stage_ids, pipe.num_microbatches)
     scheduled = max(_backward_peaks(measure, events))
@@ -192,7 +193,7 @@ def pipeline_buffer_bytes(measure: RankMeasure, config: Config, model_args: Mode
     ``[B, S / (tp * cp), dim]``. At large microbatch counts this is gigabytes (it is why the
     measured pipeline ranks of tests/test_plan.py hold more than one microbatch's worth).
     """
-    pipe = pipeline_settings(config, dims)
+    pipe = pipeline_settings(config, dims.pp)
     shard = hidden_shard_bytes(config, model_args, dims, target)
     count = 0
     for stage in measure.stages:
@@ -215,7 +216,7 @@ def hidden_shard_bytes(config: Config, model_args: ModelArgs, dims: ParallelDims
 def pipeline_sends(measure: RankMeasure, config: Config, model_args: ModelArgs, dims: ParallelDims,
                    target: Target, microbatches: int) -> CommVolume:
     shard = hidden_shard_bytes(config, model_args, dims, target)
-    pipe = pipeline_settings(config, dims)
+    pipe = pipeline_settings(config, dims.pp)
     volume = CommVolume(group_size=dims.pp)
     for stage in measure.stages:
         sends = (stage.stage_id < pipe.num_stages - 1) + (stage.stage_id > 0)  # activation forward, gradient back
