@@ -34,3 +34,14 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600) -
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def run_cases(nproc: int, script: str | Path, cases: tuple[str, ...]) -> tuple[set[str], str]:
+    """Run a worker that prints ``ok CASE`` on rank 0 after each case it checked, once for all ``cases``
+    (starting the processes is the expensive part): the cases that passed, and the output for messages.
+    A failing case ends the run, so it and the cases after it are not in the set."""
+    try:
+        output = torchrun(nproc, script, *cases).stdout
+    except AssertionError as e:
+        output = str(e)
+    return {line.split()[1] for line in output.splitlines() if line.startswith("ok ")}, output[-6000:]

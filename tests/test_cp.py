@@ -8,7 +8,7 @@ only after its loss, logits and every gradient matched the single-process model.
 import torch
 import pytest
 
-from launcher import REPO, torchrun
+from launcher import REPO, run_cases
 from torchtrain.config import Config, ConfigError, Parallelism, Training, validate
 from torchtrain.data import Batch
 from torchtrain.models import get_model_args
@@ -124,17 +124,27 @@ def test_merging_partial_attention_over_disjoint_keys_is_attention_over_all():
     torch.testing.assert_close(lse, expected_lse, rtol=1e-12, atol=1e-12)
 
 
-def _cases_passed(proc) -> list[str]:
-    return [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok ")]
+CP2_CASES = ("causal", "docs", "mha_docs", "op_docs", "compile", "ring_causal", "ring_docs", "ring_compile")
+CP4_CASES = ("causal", "docs", "fsdp", "tp", "ring_causal", "ring_docs", "ring_fsdp")  # cp 2 x (dp 2 | tp 2) and cp 4
 
 
-def test_cp2_matches_one_process():
-    cases = ("causal", "docs", "mha_docs", "op_docs", "compile", "ring_causal", "ring_docs", "ring_compile")
-    proc = torchrun(2, WORKER, *cases)
-    assert _cases_passed(proc) == list(cases), proc.stdout[-4000:] + proc.stderr[-4000:]
+@pytest.fixture(scope="module")
+def cp2_run():
+    return run_cases(2, WORKER, CP2_CASES)
 
 
-def test_cp4_and_cp2_with_fsdp_and_tp_match_one_process():
-    cases = ("causal", "docs", "fsdp", "tp", "ring_causal", "ring_docs", "ring_fsdp")
-    proc = torchrun(4, WORKER, *cases)
-    assert _cases_passed(proc) == list(cases), proc.stdout[-4000:] + proc.stderr[-4000:]
+@pytest.fixture(scope="module")
+def cp4_run():
+    return run_cases(4, WORKER, CP4_CASES)
+
+
+@pytest.mark.parametrize("case", CP2_CASES)
+def test_cp2_matches_one_process(cp2_run, case):
+    passed, output = cp2_run
+    assert case in passed, output
+
+
+@pytest.mark.parametrize("case", CP4_CASES)
+def test_cp4_and_cp2_with_fsdp_and_tp_match_one_process(cp4_run, case):
+    passed, output = cp4_run
+    assert case in passed, output

@@ -117,23 +117,35 @@ def test_vocab_too_small(small_corpus, tmp_path):
         load_tokenizer("default", vocab_size=100, cache_dir=tmp_path, corpus=small_corpus)
 
 
+def counted(monkeypatch, module, name: str) -> list:
+    """Replace ``module.name`` by a wrapper that records each call; returns the record."""
+    calls, real = [], getattr(module, name)
+
+    def wrapper(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
 def test_cache_reuse(small_corpus, tmp_path, monkeypatch):
-    builds = tokenizer_mod._stats["builds"]
+    builds = counted(monkeypatch, tokenizer_mod, "_build_default")
     first = load_tokenizer("default", vocab_size=300, cache_dir=tmp_path, corpus=small_corpus)
-    assert tokenizer_mod._stats["builds"] == builds + 1
+    assert len(builds) == 1
     stat = first.path.stat()
     second = load_tokenizer("default", vocab_size=300, cache_dir=tmp_path, corpus=small_corpus)
-    assert tokenizer_mod._stats["builds"] == builds + 1  # loaded, not rebuilt
+    assert len(builds) == 1  # loaded, not rebuilt
     assert second.path == first.path and second.path.stat().st_mtime_ns == stat.st_mtime_ns
     assert second.content_hash == first.content_hash
     # A different vocabulary size is a different entry; nothing but finished files is left behind.
     load_tokenizer("default", vocab_size=320, cache_dir=tmp_path, corpus=small_corpus)
-    assert tokenizer_mod._stats["builds"] == builds + 2
+    assert len(builds) == 2
     assert not list(tmp_path.rglob("*.tmp"))
     # "" means $TORCHTRAIN_CACHE.
     monkeypatch.setenv("TORCHTRAIN_CACHE", str(tmp_path))
     assert load_tokenizer("default", vocab_size=300, corpus=small_corpus).path == first.path
-    assert tokenizer_mod._stats["builds"] == builds + 2
+    assert len(builds) == 2
 
 
 def test_training_is_deterministic(small_corpus):
@@ -149,7 +161,6 @@ def test_concurrent_builders_build_once(small_corpus, tmp_path, monkeypatch):
     exercise the same exclusion as torchrun's processes. The build is slowed down so that every
     thread finds the cache empty and has to wait on the lock.
     """
-    builds = tokenizer_mod._stats["builds"]
     build, active, overlaps = tokenizer_mod._build_default, [], []
 
     def slow_build(*args):
@@ -174,7 +185,7 @@ def test_concurrent_builders_build_once(small_corpus, tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert not errors and len(results) == 4
-    assert overlaps == [1] and tokenizer_mod._stats["builds"] == builds + 1
+    assert overlaps == [1]  # one build, which no other ran beside
     assert len({r.content_hash for r in results}) == 1
 
 
@@ -182,8 +193,10 @@ _RANK_SCRIPT = """
 import sys
 from torchtrain.data import tokenizer as t
 from torchtrain.data.corpus import open_corpus
+builds, build = [], t._build_default
+t._build_default = lambda *args: builds.append(build(*args))
 tok = t.load_tokenizer("default", vocab_size=340, cache_dir=sys.argv[1], corpus=open_corpus(sys.argv[2]))
-print(t._stats["builds"], tok.content_hash)
+print(len(builds), tok.content_hash)
 """
 
 

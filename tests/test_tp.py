@@ -1,25 +1,31 @@
 """Tensor parallelism (sequence parallel, vocabulary-parallel loss) on 2 gloo ranks against one process.
 
 One torchrun launch checks every case (starting the processes is the expensive part); the worker,
-tests/workers/tp_parity.py, says what each case compares. Each case prints ``ok CASE`` on rank 0
-only after its loss and every gradient matched, so a missing line is a failure.
+tests/workers/tp_parity.py, says what each case compares, and prints ``ok CASE`` on rank 0 only after
+its loss and every gradient matched. Each case is a test of its own over that one launch.
 """
 
-from launcher import REPO, torchrun
+import pytest
+
+from launcher import REPO, run_cases
 
 CASES = ("validate", "loss", "eager", "docs", "tied", "stages", "ac", "compile", "ac_compile", "fsdp")
 
 
-def test_tensor_parallel_matches_one_process():
-    proc = torchrun(2, REPO / "tests" / "workers" / "tp_parity.py", *CASES)
-    passed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok ")]
-    assert passed == list(CASES), proc.stdout[-4000:] + proc.stderr[-4000:]
+@pytest.fixture(scope="module")
+def tp_run():
+    return run_cases(2, REPO / "tests" / "workers" / "tp_parity.py", CASES)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tensor_parallel_matches_one_process(tp_run, case):
+    passed, output = tp_run
+    assert case in passed, output
 
 
 def test_a_parameter_the_plan_does_not_place_is_refused():
     """A block parameter outside the plan (here a per-head query norm) would stay a plain tensor on every
     tp rank and drift apart; apply_tp names it instead. Run on the meta device over a fake 2-rank group."""
-    import pytest
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh

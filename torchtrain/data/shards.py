@@ -38,7 +38,6 @@ SHARD_FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 _CHUNK_CHARS = 4_000_000  # text handed to one encode_batch call: big enough to keep every core busy
 _COPY_TOKENS = 1 << 24  # tokens moved per step when splitting the combined stream
-_stats = {"builds": 0}  # how many shard sets this process built (observed by the tests)
 
 
 class TokenStream:
@@ -206,7 +205,6 @@ def _build(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float, folder: Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _stats["builds"] += 1
     logger.info("tokenised in %.1fs: train %d tokens / %d documents, val %d tokens / %d documents",
                 time.perf_counter() - started, meta["splits"]["train"]["num_tokens"],
                 meta["splits"]["train"]["num_documents"], meta["splits"]["val"]["num_tokens"],

@@ -45,7 +45,6 @@ _EOS_CANDIDATES = (EOS_TOKEN, "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>
 _BOS_CANDIDATES = (BOS_TOKEN, "<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "[CLS]")
 _TRAINER_VERSION = 1  # bump when train_bpe changes, so old cache entries are not reused
 _SUBSET_SALT = 0x5EED_70C0  # makes the training subset independent of the validation split
-_stats = {"builds": 0}  # how many tokenizers this process trained (observed by the tests)
 
 
 class Tokenizer:
@@ -191,7 +190,6 @@ def _build_default(corpus: Corpus, vocab_size: int, max_train_bytes: int | None,
                 vocab_size, corpus.spec, len(corpus), path)
     backend = train_bpe(training_subset(corpus, max_train_bytes), vocab_size)
     _atomic_write(path, backend.to_str())
-    _stats["builds"] += 1
     logger.info("tokenizer trained in %.1fs (vocab %d)", time.perf_counter() - started,
                 backend.get_vocab_size(with_added_tokens=True))
 
