@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torchtrain.parallel.pp import ZERO_BUBBLE_SCHEDULES
+
 GPUS_PER_NODE = 8
 DEFAULT_EFFICIENCY = 0.5  # achieved fraction of the bf16 peak: an assumption, not a measurement
 LINK_EFFICIENCY = 0.8  # achieved fraction of a link's bandwidth by NCCL rings (typical bus bandwidth)
@@ -71,10 +73,10 @@ def bubble_fraction(schedule: str, pp: int, num_microbatches: int, stages_per_ra
     """Idle time of the pipeline as a fraction of the busiest rank's compute."""
     if pp <= 1:
         return 0.0
-    bubble = (pp - 1) / num_microbatches
-    if schedule in ("interleaved_1f1b", "interleaved_zb", "zbv"):
-        bubble /= stages_per_rank
-    if schedule in ("interleaved_zb", "zbv"):
+    # Interleaved schedules (several stages per rank) cut it by their stages per rank, and the zero-bubble
+    # ones fill two thirds of what is left with the weight-gradient passes.
+    bubble = (pp - 1) / num_microbatches / stages_per_rank
+    if schedule in ZERO_BUBBLE_SCHEDULES:
         bubble /= 3
     return bubble
 
