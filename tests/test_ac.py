@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchtrain.config import ConfigError, load_config
 from torchtrain.loss import IGNORE_INDEX
-from torchtrain.models import Transformer, get_model_args
+from torchtrain.models import BACKENDS, Transformer, get_model_args
 from torchtrain.parallel.ac import (
     _BlockInputOffload,
     _OffloadedInput,
@@ -124,6 +124,42 @@ def test_selective_recomputes_no_matmul_and_full_recomputes_all():
     assert matmuls_in_backward("selective") == baseline
     assert matmuls_in_backward("full") == baseline + RECOMPUTED_MATMULS * ARGS.num_layers
     assert matmuls_in_backward("layers", 1) == baseline + RECOMPUTED_MATMULS
+
+
+class CountAttention(TorchDispatchMode):
+    """Counts the calls of the attention ops the backends declare (models/attention.py) that reach dispatch."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = {op for backend in BACKENDS.values() for op in backend.saved_ops}
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func in self.ops
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+def test_selective_keeps_each_backends_attention_and_full_reruns_it(attention, monkeypatch):
+    """The attention op a backend declares runs once per block in the forward; "selective" never reruns it,
+    "full" reruns it in every block's backward. The triton backend's op runs its reference path inside the
+    op here (the kernels under the interpreter are the kernel tests' business)."""
+    from torchtrain.kernels.attention import op
+
+    monkeypatch.setattr(op, "uses_kernels", lambda device: False)
+    calls = {}
+    for mode in ("selective", "full"):
+        torch.manual_seed(0)
+        model = Transformer(dataclasses.replace(ARGS, attention=attention))
+        model.init_weights(seed=3)
+        apply_activation_checkpointing(model, mode)
+        tokens, labels, kwargs = batch()
+        with CountAttention() as forward:
+            loss = model(tokens, labels=labels, **kwargs)
+        with CountAttention() as backward:
+            loss.backward()
+        calls[mode] = (forward.calls, backward.calls)
+    assert calls == {"selective": (ARGS.num_layers, 0), "full": (ARGS.num_layers, ARGS.num_layers)}, calls
 
 
 @pytest.mark.parametrize("num_blocks,k,picked", [

@@ -6,12 +6,14 @@ never repeated by the caller) and returns ``[B, Hq, Sq, D]`` in the dtype of ``q
 calls it with ``Sq == Skv``; context parallelism (``torchtrain/parallel/cp.py``) with a chunk of
 queries against the all-gathered keys, ``Sq < Skv``.
 
-Backends live in :data:`BACKENDS`, a plain dict from name to function: ``"sdpa"``
+Backends live in :data:`BACKENDS`, a plain dict from name to :class:`AttentionBackend`: ``"sdpa"``
 (``F.scaled_dot_product_attention``), ``"reference"`` (the pure-PyTorch oracle) and
 ``"triton"`` (the FlashAttention-2 style op ``torchtrain::flash_attention`` from
-``torchtrain.kernels.attention``).
+``torchtrain.kernels.attention``). A backend declares, beside its function, the ops selective
+activation checkpointing keeps and the FLOP formulas of ops of its own; ``parallel/ac.py`` and the
+planner's counters read those declarations and name no backend.
 
-Every backend takes ``(q, k, v, causal, document_ids, kv_document_ids, scale)`` and must agree with
+Every backend's function takes ``(q, k, v, causal, document_ids, kv_document_ids, scale)`` and must agree with
 :func:`reference_attention`, the pure-PyTorch oracle the kernel tests compare against. It
 lives beside the kernel in ``kernels/attention/reference.py`` (one reference for both) and is
 re-exported here with :func:`document_mask`.
@@ -31,18 +33,30 @@ Masking semantics shared by all backends:
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
 from torchtrain.kernels.attention import flash_attention
 from torchtrain.kernels.attention.reference import causal_mask, document_mask, reference_attention
 
-__all__ = ["attention", "reference_attention", "document_mask", "BACKENDS"]
+__all__ = ["AttentionBackend", "attention", "reference_attention", "document_mask", "BACKENDS"]
 
-AttentionBackend = Callable[[Tensor, Tensor, Tensor, bool, Optional[Tensor], Optional[Tensor], Optional[float]],
-                            Tensor]
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """An attention backend as the rest of the trainer sees it."""
+
+    fn: Callable[[Tensor, Tensor, Tensor, bool, Optional[Tensor], Optional[Tensor], Optional[float]], Tensor]
+    # The ops of its forward that selective activation checkpointing keeps rather than recomputes (attention is
+    # what that mode exists not to redo). A backend built of plain matmuls needs none: matmuls are kept anyway.
+    saved_ops: tuple[Any, ...] = ()
+    # FLOP formulas (torch.utils.flop_counter's signature) of ops of its own that torch's counter does not know.
+    flop_formulas: dict[Any, Callable[..., int]] = field(default_factory=dict)
 
 
 def _sdpa_mask(q_len: int, kv_len: int, causal: bool, document_ids: Optional[Tensor],
@@ -92,10 +106,27 @@ def _triton(q: Tensor, k: Tensor, v: Tensor, causal: bool, document_ids: Optiona
                            scale=scale)[0]
 
 
+def _flash_attention_flops(q, k, v, *args, out_val=None, **kwargs) -> int:
+    return sdpa_flop_count(q.shape, k.shape, v.shape)
+
+
+def _flash_attention_backward_flops(dout, dlse, q, k, v, *args, out_val=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(dout.shape, q.shape, k.shape, v.shape)
+
+
+_aten = torch.ops.aten
 BACKENDS: dict[str, AttentionBackend] = {
-    "sdpa": _sdpa,
-    "reference": _reference,
-    "triton": _triton,
+    "sdpa": AttentionBackend(_sdpa, saved_ops=(
+        _aten._scaled_dot_product_flash_attention.default,
+        _aten._scaled_dot_product_flash_attention_for_cpu.default,
+        _aten._scaled_dot_product_efficient_attention.default,
+        _aten._scaled_dot_product_cudnn_attention.default,
+    )),
+    "reference": AttentionBackend(_reference),
+    "triton": AttentionBackend(_triton, saved_ops=(torch.ops.torchtrain.flash_attention.default,), flop_formulas={
+        torch.ops.torchtrain.flash_attention: _flash_attention_flops,
+        torch.ops.torchtrain.flash_attention_backward: _flash_attention_backward_flops,
+    }),
 }
 """Attention backends by name; ``ModelArgs.attention`` picks one of these keys."""
 
@@ -120,7 +151,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str, causal: bool = T
         ``[B, Hq, Sq, D]`` in the dtype of ``q``.
     """
     try:
-        fn = BACKENDS[backend]
+        fn = BACKENDS[backend].fn
     except KeyError:
         raise ValueError(f"unknown attention backend {backend!r}; valid choices: {sorted(BACKENDS)}") from None
     if kv_document_ids is not None and document_ids is None:

@@ -34,6 +34,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from torchtrain.config import Config, ConfigError, check_choice, invalid
+from torchtrain.models.attention import BACKENDS
+from torchtrain.parallel.cp import RING_OPS
 
 __all__ = ["MODES", "apply_activation_checkpointing", "check_activation_checkpoint", "checkpointed_blocks",
            "selective_policy"]
@@ -44,7 +46,9 @@ MODES = ("none", "full", "selective", "layers")
 
 _aten = torch.ops.aten
 # Outputs that "selective" keeps: they cost a matmul (or an attention kernel) to recompute, while
-# everything between them is element-wise and cheap to redo from them.
+# everything between them is element-wise and cheap to redo from them. The attention ops are what each
+# backend declares (models/attention.py), and context parallelism's ring op (parallel/cp.py), whose
+# recomputation would also send the keys and values around the ring again.
 # NOTE: aten.linear is composite and normally decomposes into mm/addmm before a dispatch mode sees
 # it; it is listed for the paths that keep it whole.
 _SAVED_OPS = {
@@ -52,14 +56,10 @@ _SAVED_OPS = {
     _aten.addmm.default,
     _aten.bmm.default,
     _aten.linear.default,
-    _aten._scaled_dot_product_flash_attention.default,
-    _aten._scaled_dot_product_flash_attention_for_cpu.default,
-    _aten._scaled_dot_product_efficient_attention.default,
-    _aten._scaled_dot_product_cudnn_attention.default,
+    *(op for backend in BACKENDS.values() for op in backend.saved_ops),
+    *RING_OPS,
 }
-# Our own ops (namespace "torchtrain") are attention: the flash-attention op and context parallelism's
-# ring attention, whose recomputation would also send the keys and values around the ring again.
-_SAVED_NAMESPACES = ("_c10d_functional", "torchtrain")
+_SAVED_NAMESPACES = ("_c10d_functional",)  # tensor parallelism's collectives (see selective_policy)
 
 
 def selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:

@@ -54,7 +54,7 @@ from torchtrain.models.attention import attention
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ROTATE_METHODS", "apply_cp", "chunk_indices", "shard_sequence", "unshard_sequence", "shard_batch",
+__all__ = ["RING_OPS", "ROTATE_METHODS", "apply_cp", "chunk_indices", "shard_sequence", "unshard_sequence", "shard_batch",
            "batch_sharder", "ContextParallelAttention", "RingAttention", "merge_attention"]
 
 # How the keys and values reach every rank; the recipe's ``parallelism.cp_rotate``.
@@ -236,6 +236,10 @@ def _(q, k, v, document_ids, causal, scale, group_name):
     batch, num_heads, seq_len, _ = q.shape
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(batch, num_heads, seq_len, dtype=torch.float32))
+
+
+# The ring's forward, an op of its own: selective activation checkpointing keeps its output (parallel/ac.py).
+RING_OPS = (torch.ops.torchtrain.ring_attention.default,)
 
 
 @torch.library.custom_op("torchtrain::ring_attention_backward", mutates_args=())

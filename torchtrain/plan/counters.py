@@ -23,23 +23,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import flop_registry
 
-import torchtrain.kernels.attention.op  # noqa: F401  (registers torchtrain::flash_attention)
-
-
-def _flash_attention_flops(q, k, v, *args, out_val=None, **kwargs) -> int:
-    return sdpa_flop_count(q.shape, k.shape, v.shape)
-
-
-def _flash_attention_backward_flops(dout, dlse, q, k, v, *args, out_val=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(dout.shape, q.shape, k.shape, v.shape)
-
+from torchtrain.models.attention import BACKENDS
 
 _FORMULAS = {
     **flop_registry,  # already wrapped to take tensors (register_flop_formula)
-    torch.ops.torchtrain.flash_attention: _flash_attention_flops,
-    torch.ops.torchtrain.flash_attention_backward: _flash_attention_backward_flops,
+    **{op: formula for backend in BACKENDS.values() for op, formula in backend.flop_formulas.items()},
 }
 
 # Collective -> (index of the tensor whose size is the full data, factor of (g - 1) / g that one rank sends).
