@@ -224,12 +224,13 @@ class ModelParts:
     """This rank's share of the model.
 
     ``stages`` are what run: the whole model, or this rank's pipeline stages (then ``pipeline``
-    runs them). ``model`` holds every parameter of this rank under the whole model's names: the
+    runs them), with their stage ids in ``stage_ids``. ``model`` holds every parameter of this rank under the whole model's names: the
     optimizer, the gradient norm and checkpoints use it.
     """
 
     model: nn.Module
     stages: list[nn.Module]
+    stage_ids: list[int]
     pipeline: Optional[Pipeline] = None
 
 
@@ -249,7 +250,7 @@ def build_model(model_args: ModelArgs, config: Config, mesh, dims: ParallelDims,
         for stage in stages:
             stage.to_empty(device=device)
             stage.init_weights(seed=config.job.seed, unit_scope=full_parameters)
-    parts = ModelParts(model=merge_stages(stages) if dims.pp > 1 else whole, stages=stages)
+    parts = ModelParts(model=merge_stages(stages) if dims.pp > 1 else whole, stages=stages, stage_ids=stage_ids)
     if dims.pp > 1 and materialize:
         pipe = pipeline_settings(config, dims.pp)
         parts.pipeline = build_pipeline(stages, stage_ids, pipe.num_stages, mesh["pp"], device, pipe.schedule,

@@ -35,7 +35,7 @@ from torchtrain.data import Batch
 from torchtrain.models import ModelArgs
 from torchtrain.parallel import ParallelDims, build_mesh
 from torchtrain.parallel.mesh import MESH_DIMS
-from torchtrain.parallel.pp import pipeline_settings, stage_ids_for_rank
+from torchtrain.parallel.pp import pipeline_settings
 from torchtrain.plan.counters import CommVolume, StepCounter, comm_since, copy_comm
 from torchtrain.plan.tracker import MemorySnapshot, MemoryTracker, fsdp_known_tensors
 
@@ -119,7 +119,7 @@ def measure_rank(config: Config, model_args: ModelArgs, dims: ParallelDims, rank
         mesh = build_mesh(dims, device)
         parts = build_model(model_args, config, mesh, dims, device, target.param_dtype, materialize=False)
         if keep_blocks is not None:
-            _keep_blocks(parts, keep_blocks, mesh, config, dims)
+            _keep_blocks(parts, keep_blocks, dims)
         fake_mode = _fake_mode() if fake else contextlib.nullcontext()
         with fake_mode:
             return _measure(config, model_args, dims, mesh, parts, rank, target, device)
@@ -146,7 +146,7 @@ def _clear_dtensor_caches() -> None:
     clear_redistribute_planner_cache()
 
 
-def _keep_blocks(parts, keep: dict[int, list[int]], mesh, config: Config, dims: ParallelDims) -> None:
+def _keep_blocks(parts, keep: dict[int, list[int]], dims: ParallelDims) -> None:
     """Drop the blocks not in ``keep`` from the rank's (parallelized, still meta) stages.
 
     NOTE: done after the trainer's build_model, so the kept blocks are wrapped exactly as in the full
@@ -156,10 +156,7 @@ def _keep_blocks(parts, keep: dict[int, list[int]], mesh, config: Config, dims: 
     """
     from torchtrain.parallel.pp import merge_stages
 
-    pipe = pipeline_settings(config, dims.pp)
-    stage_ids = (stage_ids_for_rank(mesh["pp"].get_local_rank(), dims.pp, pipe.stages_per_rank, pipe.schedule)
-                 if dims.pp > 1 else [0])
-    for stage_id, stage in zip(stage_ids, parts.stages):
+    for stage_id, stage in zip(parts.stage_ids, parts.stages):
         names = set(map(str, keep[stage_id]))
         for name in list(stage.layers.keys()):
             if name not in names:
@@ -187,10 +184,7 @@ def _measure(config, model_args, dims, mesh, parts, rank, target, device) -> Ran
     fsdp = uses_fsdp(config, dims)
     autocast = (torch.autocast(device.type, dtype=target.param_dtype)
                 if target.param_dtype != torch.float32 and not fsdp else contextlib.nullcontext())
-    pp_rank = mesh["pp"].get_local_rank()
-    pipe = pipeline_settings(config, dims.pp)
-    stage_ids = (stage_ids_for_rank(pp_rank, dims.pp, pipe.stages_per_rank, pipe.schedule)
-                 if dims.pp > 1 else [0])
+    pp_rank, pipe = mesh["pp"].get_local_rank(), pipeline_settings(config, dims.pp)
     hidden_dtype = target.param_dtype if fsdp else torch.float32  # autocast keeps the residual stream fp32
 
     _create_optimizer_state(parts.model, optimizer)
@@ -204,7 +198,7 @@ def _measure(config, model_args, dims, mesh, parts, rank, target, device) -> Ran
     runs = 2 if deferred or microbatches_per_step(config, dims) > 1 else 1
     stages = []
     with counter, tracker:  # tracker innermost-entered (top of the mode stack) so it can pause
-        for stage_id, stage in sorted(zip(stage_ids, parts.stages), key=lambda pair: pair[0]):
+        for stage_id, stage in sorted(zip(parts.stage_ids, parts.stages), key=lambda pair: pair[0]):
             measures = []
             for _ in range(runs):
                 if deferred:
