@@ -305,16 +305,38 @@ def test_debug_model_trains_the_same_with_triton_and_reference():
         torch.testing.assert_close(p, runs["reference"][1][name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def _expected_by_pairs(q, k, v, document_ids, kv_document_ids, window):
+    """fp64 softmax attention with the visibility of every (query, key) pair decided one by one."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    offset = kv_len - q_len  # the queries are the last q_len positions
+    visible = torch.zeros(q.shape[0], 1, q_len, kv_len, dtype=torch.bool)
+    for b in range(q.shape[0]):
+        for i in range(q_len):
+            for j in range(kv_len):
+                seen = j <= i + offset and (window == 0 or j > i + offset - window)
+                if document_ids is not None:
+                    seen = seen and int(document_ids[b, i]) == int(kv_document_ids[b, j])
+                visible[b, 0, i, j] = seen
+    group = q.shape[1] // k.shape[1]
+    kr, vr = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    scores = (q.double() @ kr.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ vr
+
+
 @in_process
 @pytest.mark.parametrize("backend", ["sdpa", "reference", "triton"])
-def test_every_model_backend_takes_fewer_queries_and_key_document_ids(backend):
-    # The model-facing attention(): SDPA needs an explicit bottom-right causal / document mask here.
+@pytest.mark.parametrize("q_len", [20, 6])  # the square case, and fewer queries than keys (a decode step, a cp chunk)
+@pytest.mark.parametrize("docs", [False, True])
+def test_every_model_backend_applies_causal_document_and_window_masks(backend, q_len, docs):
+    # The model-facing attention(): SDPA needs an explicit bottom-right causal / document / window mask here.
     from torchtrain.models.attention import attention
 
-    q, k, v, _, _ = _inputs(2, 4, 2, 24, 16, torch.float32, seed=13, kv_seq=64)
-    kv_document_ids = _packed_ids(2, [[30, 1, 33], [64]])
-    for docs in (None, kv_document_ids):
-        masks = {} if docs is None else {"document_ids": docs[:, 40:], "kv_document_ids": docs}
-        got = attention(q, k, v, backend=backend, causal=True, **masks)
-        expected, _ = reference_attention(q.double(), k.double(), v.double(), causal=True, **masks)
-        torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)
+    q, k, v, _, _ = _inputs(2, 4, 2, q_len, 16, torch.float32, seed=13, kv_seq=20)
+    kv_document_ids = _packed_ids(2, [[7, 13], [3, 2, 15]]) if docs else None
+    document_ids = None if kv_document_ids is None else kv_document_ids[:, 20 - q_len:]
+    for window in (0, 5):
+        got = attention(q, k, v, backend=backend, causal=True, document_ids=document_ids,
+                        kv_document_ids=kv_document_ids if q_len != 20 else None, window=window)
+        expected = _expected_by_pairs(q, k, v, document_ids, kv_document_ids, window)
+        torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5,
+                                   msg=lambda m: f"{backend} window {window}: {m}")

@@ -124,8 +124,9 @@ def test_merging_partial_attention_over_disjoint_keys_is_attention_over_all():
     torch.testing.assert_close(lse, expected_lse, rtol=1e-12, atol=1e-12)
 
 
-CP2_CASES = ("causal", "docs", "mha_docs", "op_docs", "compile", "ring_causal", "ring_docs", "ring_compile")
-CP4_CASES = ("causal", "docs", "fsdp", "tp", "ring_causal", "ring_docs", "ring_fsdp")  # cp 2 x (dp 2 | tp 2) and cp 4
+CP2_CASES = ("causal", "docs", "mha_docs", "op_docs", "window_docs", "compile", "ring_causal", "ring_docs",
+             "ring_compile", "ring_reference_docs")
+CP4_CASES = ("causal", "docs", "window_docs", "fsdp", "tp", "ring_causal", "ring_docs", "ring_fsdp")  # cp 2 x (dp 2 | tp 2) and cp 4
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from torchtrain.checkpoint import check_checkpoint
-from torchtrain.config import Config, check_choice
-from torchtrain.models.attention import BACKENDS
+from torchtrain.config import Config, ConfigError, check_choice
+from torchtrain.models.attention import BACKENDS, masks_of_call
 from torchtrain.models.llama import ModelArgs
 from torchtrain.optim import check_optimizer
 from torchtrain.parallel.ac import check_activation_checkpoint
@@ -26,16 +26,23 @@ from torchtrain.profiling import check_profiling
 __all__ = ["check_model", "check_run"]
 
 
-def check_model(config: Config) -> None:
-    """The recipe's model keys that the model shape does not settle."""
+def check_model(config: Config, model_args: ModelArgs) -> None:
+    """The recipe's model keys that the model shape does not settle, and that its attention backend
+    implements the masks the run needs."""
     check_choice(config, "model", "attention", ("auto", *BACKENDS))
+    needed = masks_of_call(True, config.data.document_mask or None, model_args.sliding_window)
+    missing = [mask for mask in needed if mask not in BACKENDS[model_args.attention].masks]
+    if missing:
+        able = [name for name, backend in BACKENDS.items() if set(needed) <= backend.masks]
+        raise ConfigError(f"{config.source}: model.attention = {model_args.attention!r} does not implement the "
+                          f"{', '.join(missing)} mask this run needs; valid choices: {able}")
 
 
 def check_run(config: Config, model_args: ModelArgs, world_size: int, device: torch.device) -> ParallelDims:
     """Check the whole run (``model_args`` from :func:`torchtrain.models.shape.model_args_for`, on
     ``world_size`` processes of ``device``) and return its mesh sizes; raise ConfigError naming the
     recipe, the key and what would work."""
-    check_model(config)
+    check_model(config, model_args)
     check_optimizer(config)
     check_checkpoint(config)
     check_compile(config)

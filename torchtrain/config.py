@@ -46,6 +46,9 @@ class Model:
     # continue pre-training at a longer context than the release's, usually with a larger rope_theta.
     max_seq_len: int = 0
     rope_theta: float = 0.0  # RoPE base; 0: the model's own
+    # Sliding-window attention: the keys each token attends to, itself included; 0: the model's own
+    # (the window of a Mistral config.json; none for the named sizes).
+    sliding_window: int = 0
 
 
 @dataclass
@@ -356,6 +359,8 @@ def validate(config: Config) -> None:
                                      f"({config.training.seq_len})")
     if config.model.rope_theta < 0:
         fail("model", "rope_theta", "it must be 0 (the model's own) or a positive RoPE base")
+    if config.model.sliding_window < 0:
+        fail("model", "sliding_window", "it must be 0 (the model's own) or the number of keys each token sees")
     if config.model.name == HF_MODEL:
         if not config.checkpoint.initial_load_path:  # its config.json is read by models.shape.model_args_for
             fail("model", "name", f"{HF_MODEL!r} takes the model's shape from the config.json of "

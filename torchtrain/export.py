@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(args.config, overrides)
         model_args = model_args_for(config, torch.device("cpu"))
-        check_model(config)
+        check_model(config, model_args)
         state = read_dcp_model_state(args.checkpoint, model_args)
         tokenizer = None if args.no_tokenizer else (args.tokenizer or recipe_tokenizer(config))
         export_hf(state, model_args, args.out, args.family, tokenizer_path=tokenizer,

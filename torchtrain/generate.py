@@ -178,8 +178,9 @@ def resolve_source(path: str | Path) -> Source:
     config = next((load_config(parent / "config.toml") for parent in list(path.parents)[:3]
                    if (parent / "config.toml").is_file()), None)
     if config is not None:  # the shape the run trained (a registry size, or "hf": an initial_load_path's)
-        check_model(config)
-        return Source("checkpoint", path, model_args_for(config, torch.device("cpu")), config)
+        model_args = model_args_for(config, torch.device("cpu"))
+        check_model(config, model_args)
+        return Source("checkpoint", path, model_args, config)
     name = saved_model_name(path)
     if name is None or name == HF_MODEL:
         raise ValueError(f"checkpoint {path}: no run config.toml lies above it, and "

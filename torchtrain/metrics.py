@@ -3,8 +3,8 @@
 FLOP convention (the one every figure in this project uses): a token costs
 ``6 * N + 12 * L * d * s`` FLOPs for forward + backward, where N is the number of non-embedding
 parameters (the output projection counts, the input embedding table does not), L the number of
-blocks, d the model width and s the sequence length. Attention is counted without halving for
-causality, and recomputation (activation checkpointing) is not counted: it is work done, not
+blocks, d the model width and s the sequence length (with a sliding window ``w``, the keys a query
+sees: ``min(s, w)``). Attention is counted without halving for causality, and recomputation (activation checkpointing) is not counted: it is work done, not
 progress made. MFU = achieved model FLOP/s / the device's dense bf16 peak.
 """
 

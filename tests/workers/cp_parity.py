@@ -9,13 +9,16 @@ runs it on the whole batch; the context-parallel model runs each rank's load-bal
   parallel with ``apply_cp`` alone: causal only (global positions), packed documents (positions
   restart, document mask), packed documents with as many K/V heads as query heads, and packed
   documents through the ``torchtrain::flash_attention`` op ("triton" backend; its CPU path);
+* ``window_docs``: ``docs`` with a sliding window of 7 keys, which reaches back over chunk boundaries
+  (the all-gather leaves out the keys before each chunk's windows);
 * ``compile``: ``docs`` with every block compiled (fullgraph, aot_eager): the all-gathers trace;
 * ``fsdp`` (4 ranks: dp_shard 2 x cp 2) and ``tp`` (4 ranks: tp 2 x cp 2): the trainer's own
   ``build_mesh`` + ``parallelize`` + ``init_weights``, so FSDP shards over dp_shard x cp and sums the
   cp ranks' gradients itself; the data-parallel ranks read different samples;
-* ``ring_CASE`` (``ring_causal``, ``ring_docs``, ``ring_compile``, ``ring_fsdp``): CASE with
-  ``cp_rotate = "ring"``, the keys and values passed around the ring instead of all-gathered
-  (``ring_compile``: the ring op inside the compiled blocks).
+* ``ring_CASE`` (``ring_causal``, ``ring_docs``, ``ring_compile``, ``ring_fsdp``, ``ring_reference_docs``):
+  CASE with ``cp_rotate = "ring"``, the keys and values passed around the ring instead of all-gathered
+  (``ring_compile``: the ring op inside the compiled blocks; ``reference_docs``: the model on the
+  ``"reference"`` backend, whose blocks and block backward the ring then uses instead of the op's).
 
 Rank 0 prints one ``ok CASE ...`` line per case; any mismatch raises.
 """
@@ -57,6 +60,10 @@ def model_args(case: str):
         overrides["num_kv_heads"] = get_model_args("debug").num_heads
     if case == "op_docs":
         overrides["attention"] = "triton"  # the op; on CPU without the interpreter its reference path
+    if case == "reference_docs":
+        overrides["attention"] = "reference"
+    if case == "window_docs":
+        overrides["sliding_window"] = 7
     return dataclasses.replace(get_model_args("debug"), **overrides)
 
 

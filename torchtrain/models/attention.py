@@ -9,14 +9,21 @@ queries against the all-gathered keys, ``Sq < Skv``.
 Backends live in :data:`BACKENDS`, a plain dict from name to :class:`AttentionBackend`: ``"sdpa"``
 (``F.scaled_dot_product_attention``), ``"reference"`` (the pure-PyTorch oracle) and
 ``"triton"`` (the FlashAttention-2 style op ``torchtrain::flash_attention`` from
-``torchtrain.kernels.attention``). A backend declares, beside its function, the ops selective
-activation checkpointing keeps and the FLOP formulas of ops of its own; ``parallel/ac.py`` and the
-planner's counters read those declarations and name no backend.
+``torchtrain.kernels.attention``). A backend declares what the rest of the trainer needs of it:
 
-Every backend's function takes ``(q, k, v, causal, document_ids, kv_document_ids, scale)`` and must agree with
-:func:`reference_attention`, the pure-PyTorch oracle the kernel tests compare against. It
-lives beside the kernel in ``kernels/attention/reference.py`` (one reference for both) and is
-re-exported here with :func:`document_mask`.
+* its function ``fn(q, k, v, causal, document_ids, kv_document_ids, window, scale) -> (out, lse)``,
+  ``lse`` the log-sum-exp ``[B, Hq, Sq]`` of each row's scores, or None where the backend cannot give it;
+* the masks it implements (a subset of :data:`MASKS`), checked before a run starts;
+* ``block_backward``, the gradients of a block of keys given the attention's final ``out`` and ``lse``
+  (the kernels' backward signature), or None: ring context parallelism (``parallel/cp.py``) needs it and
+  the ``lse``, and uses another backend when the model's has neither;
+* the ops selective activation checkpointing keeps (``parallel/ac.py``) and the FLOP formulas of ops of
+  its own (the planner's counters).
+
+No other module names a backend. Every backend must agree with :func:`reference_attention`, the
+pure-PyTorch oracle the kernel tests compare against. It lives beside the kernel in
+``kernels/attention/reference.py`` (one reference for both) and is re-exported here with
+:func:`document_mask`.
 
 Masking semantics shared by all backends:
 
@@ -26,6 +33,8 @@ Masking semantics shared by all backends:
 * ``document_ids``: an int tensor ``[B, Sq]``; query ``i`` only sees keys of the same
   document. Packed sequences use this so documents never attend across each other.
   ``kv_document_ids`` ``[B, Skv]`` are the keys' ids (default: ``document_ids``).
+* ``window > 0`` (a sliding window): query ``i`` sees keys ``j > i + Skv - Sq - window``; with the
+  causal mask that is the last ``window`` keys, itself included (Mistral's ``sliding_window``).
 * A query row that can see no key at all returns zeros (never NaN).
 * Negative document ids (padding: sees nothing, seen by nothing) are defined only for the
   ``"reference"`` and ``"triton"`` backends; the loader never produces them.
@@ -42,16 +51,26 @@ from torch import Tensor
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
 from torchtrain.kernels.attention import flash_attention
-from torchtrain.kernels.attention.reference import causal_mask, document_mask, reference_attention
+from torchtrain.kernels.attention.reference import (document_mask, reference_attention, reference_attention_backward,
+                                                     visibility_mask)
 
-__all__ = ["AttentionBackend", "attention", "reference_attention", "document_mask", "BACKENDS"]
+__all__ = ["AttentionBackend", "attention", "reference_attention", "document_mask", "BACKENDS", "MASKS",
+           "masks_of_call"]
+
+# The masks a backend may implement: the causal triangle, packed documents, a sliding window.
+MASKS = ("causal", "documents", "window")
 
 
 @dataclass(frozen=True)
 class AttentionBackend:
     """An attention backend as the rest of the trainer sees it."""
 
-    fn: Callable[[Tensor, Tensor, Tensor, bool, Optional[Tensor], Optional[Tensor], Optional[float]], Tensor]
+    # (q, k, v, causal, document_ids, kv_document_ids, window, scale) -> (out, lse or None)
+    fn: Callable[..., tuple[Tensor, Optional[Tensor]]]
+    masks: frozenset[str]  # those of MASKS that fn implements
+    # (dout, dlse, q, k, v, out, lse, document_ids, kv_document_ids, causal, window, scale) -> (dq, dk, dv) of one
+    # block of keys, exact given the out and lse of the attention over all keys; None: the backend has none.
+    block_backward: Optional[Callable[..., tuple[Tensor, Tensor, Tensor]]] = None
     # The ops of its forward that selective activation checkpointing keeps rather than recomputes (attention is
     # what that mode exists not to redo). A backend built of plain matmuls needs none: matmuls are kept anyway.
     saved_ops: tuple[Any, ...] = ()
@@ -60,22 +79,29 @@ class AttentionBackend:
 
 
 def _sdpa_mask(q_len: int, kv_len: int, causal: bool, document_ids: Optional[Tensor],
-               kv_document_ids: Optional[Tensor], device) -> Optional[Tensor]:
+               kv_document_ids: Optional[Tensor], window: int, device) -> Optional[Tensor]:
     """The explicit boolean mask SDPA needs, or None where ``is_causal`` (or nothing) says it all.
 
     NOTE: SDPA's ``is_causal`` is top-left aligned, so with fewer queries than keys the
     bottom-right-aligned causal triangle has to be spelt out.
     """
-    if document_ids is not None:
-        return document_mask(document_ids, causal, kv_document_ids)
-    if causal and q_len != kv_len:
-        return causal_mask(q_len, kv_len, device)
-    return None
+    if document_ids is None and window == 0 and (not causal or q_len == kv_len):
+        return None
+    # NOTE: not visibility_mask's padding rule (negative ids see nothing): SDPA gives NaN for such rows.
+    mask = document_mask(document_ids, causal, kv_document_ids) if document_ids is not None else None
+    if mask is None or window:
+        mask = _and(mask, visibility_mask(q_len, kv_len, causal=causal and mask is None, window=window,
+                                          device=device))
+    return mask
+
+
+def _and(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    return b if a is None else a if b is None else a & b
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, document_ids: Optional[Tensor],
-          kv_document_ids: Optional[Tensor], scale: Optional[float]) -> Tensor:
-    mask = _sdpa_mask(q.shape[2], k.shape[2], causal, document_ids, kv_document_ids, q.device)
+          kv_document_ids: Optional[Tensor], window: int, scale: Optional[float]) -> tuple[Tensor, None]:
+    mask = _sdpa_mask(q.shape[2], k.shape[2], causal, document_ids, kv_document_ids, window, q.device)
     # NOTE: grouped-query attention goes through ``enable_gqa=True`` rather than repeating
     # K/V with ``repeat_interleave``. Measured on this 2-core CPU (fp32, fwd+bwd,
     # Hq=8, Hkv=2, D=64): B=4,S=512 causal 226 vs 249 ms, with a document mask 248 vs
@@ -88,42 +114,55 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, document_ids: Optional[
         is_causal=causal and mask is None,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
-    )
+    ), None
 
 
 def _reference(q: Tensor, k: Tensor, v: Tensor, causal: bool, document_ids: Optional[Tensor],
-               kv_document_ids: Optional[Tensor], scale: Optional[float]) -> Tensor:
+               kv_document_ids: Optional[Tensor], window: int, scale: Optional[float]) -> tuple[Tensor, Tensor]:
     return reference_attention(q, k, v, causal=causal, document_ids=document_ids, kv_document_ids=kv_document_ids,
-                               scale=scale)[0]
+                               window=window, scale=scale)
+
+
+def _reference_block_backward(dout, dlse, q, k, v, out, lse, document_ids, kv_document_ids, causal, window, scale):
+    return reference_attention_backward(dout, dlse, q, k, v, out, lse, causal=causal, document_ids=document_ids,
+                                        kv_document_ids=kv_document_ids, window=window, scale=scale)
 
 
 def _triton(q: Tensor, k: Tensor, v: Tensor, causal: bool, document_ids: Optional[Tensor],
-            kv_document_ids: Optional[Tensor], scale: Optional[float]) -> Tensor:
+            kv_document_ids: Optional[Tensor], window: int, scale: Optional[float]) -> tuple[Tensor, Tensor]:
     # NOTE: the op ``torchtrain::flash_attention`` runs the Triton kernels on CUDA; on CPU it
     # runs them under the Triton interpreter when ``TRITON_INTERPRET=1`` is set before its
     # first call, and otherwise falls back to the reference (see ``kernels/attention/op.py``).
     return flash_attention(q, k, v, causal=causal, document_ids=document_ids, kv_document_ids=kv_document_ids,
-                           scale=scale)[0]
+                           window=window, scale=scale)
 
 
-def _flash_attention_flops(q, k, v, *args, out_val=None, **kwargs) -> int:
-    return sdpa_flop_count(q.shape, k.shape, v.shape)
+def _keys_seen(q_shape, k_shape, window: int) -> tuple[int, ...]:
+    """The key shape the kernels compute on: a window's keys at most per query (they skip the tiles outside it)."""
+    return (*k_shape[:2], min(k_shape[2], window) if window > 0 else k_shape[2], k_shape[3])
 
 
-def _flash_attention_backward_flops(dout, dlse, q, k, v, *args, out_val=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(dout.shape, q.shape, k.shape, v.shape)
+def _flash_attention_flops(q, k, v, document_ids, kv_document_ids, causal, window, scale, *, out_val=None) -> int:
+    return sdpa_flop_count(q.shape, _keys_seen(q.shape, k.shape, window), _keys_seen(q.shape, v.shape, window))
+
+
+def _flash_attention_backward_flops(dout, dlse, q, k, v, out, lse, document_ids, kv_document_ids, causal, window,
+                                    scale, *, out_val=None) -> int:
+    return sdpa_backward_flop_count(dout.shape, q.shape, _keys_seen(q.shape, k.shape, window),
+                                    _keys_seen(q.shape, v.shape, window))
 
 
 _aten = torch.ops.aten
 BACKENDS: dict[str, AttentionBackend] = {
-    "sdpa": AttentionBackend(_sdpa, saved_ops=(
+    "sdpa": AttentionBackend(_sdpa, frozenset(MASKS), saved_ops=(
         _aten._scaled_dot_product_flash_attention.default,
         _aten._scaled_dot_product_flash_attention_for_cpu.default,
         _aten._scaled_dot_product_efficient_attention.default,
         _aten._scaled_dot_product_cudnn_attention.default,
     )),
-    "reference": AttentionBackend(_reference),
-    "triton": AttentionBackend(_triton, saved_ops=(torch.ops.torchtrain.flash_attention.default,), flop_formulas={
+    "reference": AttentionBackend(_reference, frozenset(MASKS), block_backward=_reference_block_backward),
+    "triton": AttentionBackend(_triton, frozenset(MASKS), block_backward=torch.ops.torchtrain.flash_attention_backward,
+                               saved_ops=(torch.ops.torchtrain.flash_attention.default,), flop_formulas={
         torch.ops.torchtrain.flash_attention: _flash_attention_flops,
         torch.ops.torchtrain.flash_attention_backward: _flash_attention_backward_flops,
     }),
@@ -131,8 +170,13 @@ BACKENDS: dict[str, AttentionBackend] = {
 """Attention backends by name; ``ModelArgs.attention`` picks one of these keys."""
 
 
+def masks_of_call(causal: bool, document_ids: Optional[Tensor], window: int) -> list[str]:
+    """The :data:`MASKS` an attention call with these arguments applies."""
+    return [name for name, used in zip(MASKS, (causal, document_ids is not None, window > 0)) if used]
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str, causal: bool = True,
-              document_ids: Optional[Tensor] = None, kv_document_ids: Optional[Tensor] = None,
+              document_ids: Optional[Tensor] = None, kv_document_ids: Optional[Tensor] = None, window: int = 0,
               scale: Optional[float] = None) -> Tensor:
     """Scaled dot-product attention through the named backend.
 
@@ -145,15 +189,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str, causal: bool = T
         document_ids: optional ``[B, Sq]`` int tensor; tokens attend within their document.
         kv_document_ids: optional ``[B, Skv]`` int tensor, the keys' document ids; default
             ``document_ids`` (then ``Sq`` must equal ``Skv``).
+        window: sliding window (keys each query sees, itself included, under the causal mask); 0: none.
         scale: softmax scale, default ``D ** -0.5``.
 
     Returns:
         ``[B, Hq, Sq, D]`` in the dtype of ``q``.
     """
     try:
-        fn = BACKENDS[backend].fn
+        chosen = BACKENDS[backend]
     except KeyError:
         raise ValueError(f"unknown attention backend {backend!r}; valid choices: {sorted(BACKENDS)}") from None
     if kv_document_ids is not None and document_ids is None:
         raise ValueError("attention: kv_document_ids needs document_ids (the queries' ids) as well")
-    return fn(q, k, v, causal, document_ids, kv_document_ids, scale)
+    missing = [mask for mask in masks_of_call(causal, document_ids, window) if mask not in chosen.masks]
+    if missing:
+        raise ValueError(f"attention backend {backend!r} does not implement the {', '.join(missing)} mask; "
+                         f"backends that do: {[name for name, b in BACKENDS.items() if set(missing) <= b.masks]}")
+    return chosen.fn(q, k, v, causal, document_ids, kv_document_ids, window, scale)[0]

@@ -86,6 +86,7 @@ class ModelArgs:
     out_bias: bool = False  # bias on the attention output projection wo (InternLM)
     tie_embeddings: bool = False  # output projection shares the embedding weight
     attention: str = "sdpa"  # attention backend, a key of models.attention.BACKENDS
+    sliding_window: int = 0  # keys each token attends to, itself included (Mistral); 0: every earlier key
 
     @property
     def head_dim(self) -> int:
@@ -107,6 +108,9 @@ class ModelArgs:
                 f"ModelArgs.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim = dim // num_heads must be even for RoPE, got {self.head_dim}")
+        if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
+            raise ValueError(f"ModelArgs.sliding_window must be an integer >= 0 (0: no window), got "
+                             f"{self.sliding_window!r}")
         if self.attention not in BACKENDS:
             raise ValueError(
                 f"ModelArgs.attention={self.attention!r} is not a known backend; valid choices: {sorted(BACKENDS)}")
@@ -146,9 +150,11 @@ class ModelArgs:
         length. ``6 * N``: 2 FLOPs per multiply-add, forward once and backward twice.
         ``12 * L * d * s``: the two attention matmuls (``QK^T`` and ``PV``), 2 * 2 * d * s
         per layer forward, times 3 for forward + backward, counted over the full ``s x s``
-        score matrix, i.e. WITHOUT halving for the causal mask (as in the PaLM paper's MFU).
+        score matrix, i.e. WITHOUT halving for the causal mask (as in the PaLM paper's MFU). With a
+        sliding window ``w`` a query's row holds ``min(s, w)`` keys, and ``s`` becomes that.
         """
-        return 6 * self.num_params(exclude_embedding=True) + 12 * self.num_layers * self.dim * seq_len
+        keys = min(seq_len, self.sliding_window) if self.sliding_window else seq_len
+        return 6 * self.num_params(exclude_embedding=True) + 12 * self.num_layers * self.dim * keys
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,6 +237,7 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = args.head_dim
         self.backend = args.attention
+        self.window = args.sliding_window
         self.wq = nn.Linear(args.dim, args.num_heads * self.head_dim, bias=args.qkv_bias)
         self.wk = nn.Linear(args.dim, args.num_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.num_kv_heads * self.head_dim, bias=args.qkv_bias)
@@ -256,7 +263,8 @@ class Attention(nn.Module):
             # Decoding: these tokens attend to every key cached so far and to each other causally (with
             # fewer queries than keys, the causal mask is aligned to the last query: see models/attention.py).
             k, v = kv_cache.update(k, v)
-        out = self.attention_fn(q, k, v, backend=self.backend, causal=True, document_ids=document_ids)
+        out = self.attention_fn(q, k, v, backend=self.backend, causal=True, document_ids=document_ids,
+                                window=self.window)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
 
     def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator]) -> None:

@@ -30,7 +30,8 @@ def model_args_from_hf_folder(folder: str | Path) -> ModelArgs:
 
 
 def model_args_for(config: Config, device: torch.device) -> ModelArgs:
-    """The recipe's model shape with its attention backend ("auto": triton on CUDA, sdpa elsewhere).
+    """The recipe's model shape with its attention backend ("auto": triton on CUDA, sdpa elsewhere) and the
+    recipe's overrides of its context length, RoPE base and sliding window.
 
     ``model.name = "hf"`` reads ``checkpoint.initial_load_path``'s ``config.json``; a folder that gives
     no shape raises :class:`ConfigError` naming the key.
@@ -51,6 +52,7 @@ def model_args_for(config: Config, device: torch.device) -> ModelArgs:
         args = get_model_args(config.model.name)
     args.max_seq_len = config.model.max_seq_len or args.max_seq_len
     args.rope_theta = config.model.rope_theta or args.rope_theta
+    args.sliding_window = config.model.sliding_window or args.sliding_window
     attention = config.model.attention
     args.attention = ("triton" if device.type == "cuda" else "sdpa") if attention == "auto" else attention
     return args

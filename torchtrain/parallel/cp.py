@@ -48,13 +48,12 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from torchtrain.kernels.attention import flash_attention
 from torchtrain.data import Batch
-from torchtrain.models.attention import attention
+from torchtrain.models.attention import BACKENDS, attention
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RING_OPS", "ROTATE_METHODS", "apply_cp", "chunk_indices", "shard_sequence", "unshard_sequence", "shard_batch",
+__all__ = ["RING_FALLBACK_BACKEND", "RING_OPS", "ROTATE_METHODS", "ring_backend", "apply_cp", "chunk_indices", "shard_sequence", "unshard_sequence", "shard_batch",
            "batch_sharder", "ContextParallelAttention", "RingAttention", "merge_attention"]
 
 # How the keys and values reach every rank; the recipe's ``parallelism.cp_rotate``.
@@ -125,11 +124,13 @@ class ContextParallelAttention:
         self.cp, self.rank = cp_mesh.size(), cp_mesh.get_local_rank()
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, backend: str, causal: bool = True,
-                 document_ids: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+                 document_ids: Optional[Tensor] = None, window: int = 0, scale: Optional[float] = None) -> Tensor:
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"context parallel attention expects this rank's share of one sequence for queries and "
                              f"keys alike, got {q.shape[2]} queries and {k.shape[2]} keys (a KV cache is not "
                              "supported under context parallelism)")
+        if window and not causal:
+            raise ValueError("context parallel attention supports a sliding window under the causal mask only")
         # One all-gather for keys and values together (stacked on a new leading dim).
         keys, values = _all_gather_sequence(torch.stack([k, v]), self.cp_mesh, dim=3).unbind(0)
         kv_document_ids = None if document_ids is None else _all_gather_sequence(document_ids, self.cp_mesh, dim=1)
@@ -137,13 +138,15 @@ class ContextParallelAttention:
         outs = []
         for half, index in enumerate(chunk_indices(self.cp, self.rank)):
             # Causal: the chunk sees keys up to the end of its own chunk (bottom-right aligned);
-            # the later chunks are fully masked and left out.
+            # the later chunks are fully masked and left out. A sliding window leaves out the keys before
+            # its first query's window too (the alignment is kept: the keys still end where they did).
             end = (index + 1) * chunk if causal else keys.shape[2]
+            start = max(0, index * chunk - window + 1) if window else 0
             outs.append(attention(
-                q.narrow(2, half * chunk, chunk), keys[:, :, :end], values[:, :, :end], backend=backend,
-                causal=causal, scale=scale,
+                q.narrow(2, half * chunk, chunk), keys[:, :, start:end], values[:, :, start:end], backend=backend,
+                causal=causal, window=window, scale=scale,
                 document_ids=None if document_ids is None else document_ids.narrow(1, half * chunk, chunk),
-                kv_document_ids=None if kv_document_ids is None else kv_document_ids[:, :end]))
+                kv_document_ids=None if kv_document_ids is None else kv_document_ids[:, start:end]))
         return torch.cat(outs, dim=2)
 
 
@@ -206,10 +209,21 @@ def _half(t: Optional[Tensor], half: int, dim: int) -> Optional[Tensor]:
     return None if t is None else t.narrow(dim, half * (t.shape[dim] // 2), t.shape[dim] // 2)
 
 
+# The backend whose blocks the ring computes when the model's gives no log-sum-exp or block backward
+# (SDPA): the attention op, Triton on GPU and its reference on CPU.
+RING_FALLBACK_BACKEND = "triton"
+
+
+def ring_backend(backend: str) -> str:
+    """The attention backend the ring runs its blocks with: the model's, where it declares a block backward."""
+    return backend if BACKENDS[backend].block_backward is not None else RING_FALLBACK_BACKEND
+
+
 @torch.library.custom_op("torchtrain::ring_attention", mutates_args=())
 def _ring_attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Optional[Tensor], causal: bool, scale: float,
-                    group_name: str) -> tuple[Tensor, Tensor]:
+                    group_name: str, backend: str) -> tuple[Tensor, Tensor]:
     """This rank's ``(out, lse)``: its queries against every rank's keys, passed around the ring."""
+    block_attention = BACKENDS[backend].fn
     group = dist.distributed_c10d._resolve_process_group(group_name)
     cp, rank = group.size(), group.rank()
     merged: list[Optional[tuple[Tensor, Tensor]]] = [None, None]  # (out fp32, lse) per local query chunk
@@ -219,9 +233,9 @@ def _ring_attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Optional[Tens
         incoming, requests = _ring_pass(held, group) if step + 1 < cp else (None, [])
         kv, kv_ids = held[0], held[1] if len(held) > 1 else None
         for q_half, k_half, block_causal in _ring_blocks(cp, rank, step, causal):
-            out, lse = flash_attention(
-                _half(q, q_half, 2), _half(kv[0], k_half, 2), _half(kv[1], k_half, 2), causal=block_causal,
-                document_ids=_half(document_ids, q_half, 1), kv_document_ids=_half(kv_ids, k_half, 1), scale=scale)
+            out, lse = block_attention(
+                _half(q, q_half, 2), _half(kv[0], k_half, 2), _half(kv[1], k_half, 2), block_causal,
+                _half(document_ids, q_half, 1), _half(kv_ids, k_half, 1), 0, scale)
             merged[q_half] = ((out.float(), lse) if merged[q_half] is None
                               else merge_attention(*merged[q_half], out, lse))
         _wait(requests)
@@ -232,7 +246,7 @@ def _ring_attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Optional[Tens
 
 
 @_ring_attention.register_fake
-def _(q, k, v, document_ids, causal, scale, group_name):
+def _(q, k, v, document_ids, causal, scale, group_name, backend):
     batch, num_heads, seq_len, _ = q.shape
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(batch, num_heads, seq_len, dtype=torch.float32))
@@ -245,9 +259,10 @@ RING_OPS = (torch.ops.torchtrain.ring_attention.default,)
 @torch.library.custom_op("torchtrain::ring_attention_backward", mutates_args=())
 def _ring_attention_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                              lse: Tensor, document_ids: Optional[Tensor], causal: bool, scale: float,
-                             group_name: str) -> tuple[Tensor, Tensor, Tensor]:
+                             group_name: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`_ring_attention`: the keys and values go around the ring again, and
     with them the gradients of those keys and values, accumulated by every rank they pass."""
+    block_backward = BACKENDS[backend].block_backward
     group = dist.distributed_c10d._resolve_process_group(group_name)
     cp, rank = group.size(), group.rank()
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -260,7 +275,7 @@ def _ring_attention_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k:
         for q_half, k_half, block_causal in _ring_blocks(cp, rank, step, causal):
             # NOTE: with the merged (global) out and lse every block's backward is exact:
             # P = exp(S - lse) is the global softmax restricted to the block, delta = rowsum(dO * O) - dlse.
-            dq_block, dk_block, dv_block = torch.ops.torchtrain.flash_attention_backward(
+            dq_block, dk_block, dv_block = block_backward(
                 _half(dout, q_half, 2), _half(dlse, q_half, 2), _half(q, q_half, 2), _half(kv[0], k_half, 2),
                 _half(kv[1], k_half, 2), _half(out, q_half, 2), _half(lse, q_half, 2),
                 _half(document_ids, q_half, 1), _half(kv_ids, k_half, 1), block_causal, 0, scale)
@@ -282,14 +297,14 @@ def _ring_attention_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k:
 
 
 @_ring_attention_backward.register_fake
-def _(dout, dlse, q, k, v, out, lse, document_ids, causal, scale, group_name):
+def _(dout, dlse, q, k, v, out, lse, document_ids, causal, scale, group_name, backend):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _ring_setup_context(ctx, inputs, output):
-    q, k, v, document_ids, causal, scale, group_name = inputs
+    q, k, v, document_ids, causal, scale, group_name, backend = inputs
     ctx.save_for_backward(q, k, v, *output, document_ids)
-    ctx.causal, ctx.scale, ctx.group_name = causal, scale, group_name
+    ctx.causal, ctx.scale, ctx.group_name, ctx.backend = causal, scale, group_name, backend
 
 
 def _ring_backward(ctx, dout, dlse):
@@ -297,8 +312,8 @@ def _ring_backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = _ring_attention_backward(dout, dlse, q, k, v, out, lse, document_ids, ctx.causal, ctx.scale,
-                                          ctx.group_name)
-    return dq, dk, dv, None, None, None, None
+                                          ctx.group_name, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _ring_attention.register_autograd(_ring_backward, setup_context=_ring_setup_context)
@@ -326,9 +341,11 @@ class RingAttention:
     backward passes the keys and values around again, each rank adding the gradient of its
     queries' blocks to the travelling fp32 dK/dV, which arrive back at their owner after cp steps.
 
-    NOTE (backend): every block goes through the attention op ``torchtrain::flash_attention``
-    (Triton on GPU, the reference on CPU) whatever ``ModelArgs.attention`` says: the merge needs
-    each block's log-sum-exp, which SDPA does not return.
+    NOTE (backend): the blocks go through the model's attention backend where it declares a block
+    backward (and so gives each block's log-sum-exp, which the merge needs), else through
+    :data:`RING_FALLBACK_BACKEND` (SDPA returns no log-sum-exp). A sliding window is not supported: a
+    block's window would need a query offset the kernels' bottom-right alignment cannot express
+    (``check_layout`` refuses the combination; ``cp_rotate = "allgather"`` supports it).
     """
 
     def __init__(self, cp_mesh: DeviceMesh):
@@ -336,13 +353,17 @@ class RingAttention:
         self.group_name = cp_mesh.get_group().group_name
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, backend: str, causal: bool = True,
-                 document_ids: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+                 document_ids: Optional[Tensor] = None, window: int = 0, scale: Optional[float] = None) -> Tensor:
+        if window:
+            raise ValueError("ring attention does not support a sliding window; use parallelism.cp_rotate = "
+                             '"allgather"')
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"ring attention expects this rank's share of one sequence for queries and keys alike, "
                              f"got {q.shape[2]} queries and {k.shape[2]} keys (a KV cache is not supported under "
                              "context parallelism)")
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        return torch.ops.torchtrain.ring_attention(q, k, v, document_ids, causal, scale, self.group_name)[0]
+        return torch.ops.torchtrain.ring_attention(q, k, v, document_ids, causal, scale, self.group_name,
+                                                   ring_backend(backend))[0]
 
 
 def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, rotate: str = "allgather") -> None:

@@ -1,0 +1,78 @@
+"""The model-facing attention protocol: the sliding window through the model, the masks each backend
+declares and the checks that read the declarations before a run starts. (Every backend's masks against
+fp64 math: tests/test_attention_kernels.py, where the Triton kernels run under the interpreter.)"""
+
+import dataclasses
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from torchtrain.checks import check_run
+from torchtrain.config import Config, ConfigError, Model, Parallelism, Training
+from torchtrain.models import Transformer, get_model_args
+from torchtrain.models.attention import BACKENDS, MASKS, attention
+from torchtrain.plan.counters import StepCounter
+
+WINDOW = 5
+
+
+def _inputs(q_len: int, kv_len: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, q_len, 8, generator=g)
+    k, v = (torch.randn(2, 2, kv_len, 8, generator=g) for _ in range(2))
+    return q, k, v
+
+
+def test_a_model_with_a_window_differs_from_one_without_only_beyond_the_window():
+    args = dataclasses.replace(get_model_args("debug"), num_layers=2, dim=64, ffn_dim=128, vocab_size=256)
+    plain, windowed = Transformer(args), Transformer(dataclasses.replace(args, sliding_window=WINDOW))
+    plain.init_weights(seed=0)
+    windowed.load_state_dict(plain.state_dict())
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = plain(tokens), windowed(tokens)
+    # The first WINDOW positions see the same keys with or without the window; the later ones do not.
+    torch.testing.assert_close(a[:, :WINDOW], b[:, :WINDOW])
+    assert not torch.allclose(a[:, WINDOW:], b[:, WINDOW:], atol=1e-3)
+
+
+def test_a_backend_without_a_mask_is_refused_by_name(monkeypatch):
+    limited = dataclasses.replace(BACKENDS["sdpa"], masks=frozenset(MASKS) - {"window"})
+    monkeypatch.setitem(BACKENDS, "sdpa", limited)
+    q, k, v = _inputs(8, 8)
+    with pytest.raises(ValueError, match="'sdpa' does not implement the window mask.*'reference', 'triton'"):
+        attention(q, k, v, backend="sdpa", window=3)
+    attention(q, k, v, backend="sdpa")  # the masks it has still work
+    config = Config(model=Model(attention="sdpa"))
+    args = dataclasses.replace(get_model_args("debug"), attention="sdpa", sliding_window=64)
+    with pytest.raises(ConfigError, match=r"model.attention = 'sdpa' does not implement the window mask this run "
+                                          r"needs; valid choices: \['reference', 'triton'\]"):
+        check_run(config, args, 1, torch.device("cpu"))
+    check_run(config, dataclasses.replace(args, sliding_window=0), 1, torch.device("cpu"))
+
+
+def test_ring_context_parallelism_refuses_a_window_and_the_all_gather_takes_it():
+    args = dataclasses.replace(get_model_args("debug"), sliding_window=64)
+    ring = Config(parallelism=Parallelism(dp_shard=1, cp=2, cp_rotate="ring"), training=Training(seq_len=256))
+    with pytest.raises(ConfigError, match="cp_rotate = 'ring' does not support the sliding-window attention.*"
+                                          "window 64.*set parallelism.cp_rotate = 'allgather'"):
+        check_run(ring, args, 2, torch.device("cpu"))
+    check_run(dataclasses.replace(ring, parallelism=Parallelism(dp_shard=1, cp=2)), args, 2, torch.device("cpu"))
+
+
+def test_flops_count_the_keys_a_window_leaves():
+    args = get_model_args("debug")
+    windowed = dataclasses.replace(args, sliding_window=512)
+    assert windowed.flops_per_token(256) == args.flops_per_token(256)  # a window longer than the sequence
+    attention_share = 12 * args.num_layers * args.dim
+    assert args.flops_per_token(2048) - windowed.flops_per_token(2048) == attention_share * (2048 - 512)
+    # The planner's count of the attention op: the kernels compute a window's keys per query, no more.
+    counts = {}
+    for window in (0, 16):
+        with FakeTensorMode(), StepCounter({}) as counter:  # fake tensors: shapes only, no kernel runs
+            q, k, v = (torch.empty(1, 2, 64, 8) for _ in range(3))
+            torch.ops.torchtrain.flash_attention(q, k, v, None, None, True, window, 0.5)
+        counts[window] = counter.flops
+    assert counts[0] == 2 * 2 * 2 * 64 * 64 * 8  # QK^T and PV, 2 FLOPs per multiply-add
+    assert counts[16] == counts[0] * 16 // 64
