@@ -2,11 +2,15 @@
 
     python bench/plan_accuracy.py [--out bench/results/plan_accuracy.json]
 
-Runs the cases of tests/test_plan.py (the debug model, fp32 on CPU: FSDP 2, TP 2, PP 2 (1F1B),
-FSDP 2 with full checkpointing; FSDP 2 x TP 2 and PP 2 x FSDP 2 on 4 ranks): one torchrun launch
-per world size measures each rank's peak with the planner's MemoryTracker around the trainer's own
-train_step (pipeline layouts run the real schedule); the planner predicts the same peaks from one
-fake rank per stage. Writes both, and their ratio, to the JSON file.
+Runs the cases of tests/test_plan.py (the debug model, fp32 on CPU, on 2 ranks: FSDP 2, TP 2, CP 2
+(all-gather and ring), PP 2 (1F1B, interleaved), FSDP 2 with full, selective and per-N-layers
+checkpointing; on 4 ranks: FSDP 2 x TP 2, HSDP 2 x 2, FSDP 2 x CP 2, PP 2 x FSDP 2 (1F1B,
+interleaved)). One torchrun launch per world size runs the trainer's own train_step (pipeline
+layouts the real schedule) under torch.profiler(profile_memory=True): the measured peak of the
+second step comes from the c10 allocator's own events, not from the planner's tracker. A stage's
+measured peak is the smallest over its ranks (the instrument can only over-count: a free made by
+gloo's thread may be missing). The planner predicts the same peaks from one fake rank per stage.
+Writes both, and their ratio, to the JSON file.
 """
 
 from __future__ import annotations

@@ -21,6 +21,11 @@ Each storage belongs to one category, so the peak comes with a breakdown whose p
 * ``temporaries``: created in the backward (activation gradients, recomputed activations);
 * ``communication buffers``: storages a c10d collective writes into (FSDP's all-gather and
   reduce-scatter buffers).
+
+Memory an op allocates and frees inside itself never reaches a dispatch mode. Where such an op is
+large enough to set the peak, :data:`OP_WORKSPACE` says how much it holds while it runs; the tracker
+counts it (as temporaries) for the duration of the op. The accuracy check against the allocator's
+own events (``tests/workers/plan_memory.py``) is what finds them.
 """
 
 from __future__ import annotations
@@ -43,6 +48,18 @@ CATEGORIES = ("parameters", "gathered parameters", "gradients", "optimizer state
               "temporaries", "communication buffers")
 # Categories a storage keeps once given: a collective reading a parameter shard does not make it a buffer.
 _STICKY = ("parameters", "gradients", "optimizer state")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# op -> bytes it allocates and frees inside itself, from its arguments. The same ATen code runs on every device:
+# * logsumexp: ``exp(x - max)`` into a temporary the size of its input (ATen's ``logsumexp_out_impl``); the loss
+#   calls it on a chunk of fp32 logits, the largest temporary of the step on small models.
+OP_WORKSPACE = {
+    torch.ops.aten.logsumexp.default: lambda args, kwargs: _nbytes(args[0]),
+}
 
 
 @dataclass
@@ -164,6 +181,12 @@ class MemoryTracker(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and not isinstance(t, DTensor):
                 self.track(t, category, reclassify=False)
+        workspace = OP_WORKSPACE.get(func)
+        if workspace is not None:  # held with the outputs while the op ran, freed before it returned
+            held = workspace(args, kwargs or {})
+            self._add("temporaries", held)
+            self._check_peak()
+            self._add("temporaries", -held)
         self._check_peak()
         return out
 
