@@ -153,8 +153,9 @@ def plan_candidate(row: str, name: str, ends_only: bool = True) -> dict:
     try:
         config = planning_config(load_config(provenance.REPO / recipe, overrides))
         args = model_args_for(config, torch.device("cuda"))
-        # NOTE: pipelined candidates plan their first and last ranks only (as --search does), to fit the
-        # CPU time; the middle ranks' receive buffers are computed below.
+        # NOTE: pipelined candidates plan their first and last ranks only by default, to fit the CPU time
+        # (--search and plan_layout without ends_only plan every rank); the middle ranks' receive buffers
+        # are computed below.
         plan = plan_layout(config, args, gpus, GPU, DEFAULT_EFFICIENCY, ends_only=ends_only)
         out.update(summary(plan))
         if plan.dims.pp > 1:

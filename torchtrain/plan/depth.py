@@ -132,7 +132,7 @@ def _extrapolate(base: RankMeasure, terms: list[tuple[int, RankMeasure]], blocks
         if stage.peak_bytes == stage.first_peak_bytes:  # one microbatch per step: no earlier gradients
             steady = first
         ids = blocks[stage.stage_id]
-        stages.append(dataclasses.replace(combined, num_blocks=len(ids), description=_describe(stage.description, ids),
+        stages.append(dataclasses.replace(combined, num_blocks=len(ids), description=describe_stage(stage.description, ids),
                                           peak_bytes=stage.peak_bytes + steady,
                                           first_peak_bytes=stage.first_peak_bytes + first if stage.first_peak_bytes
                                           else 0))
@@ -237,7 +237,7 @@ def _linear(base, terms):
     raise TypeError(f"cannot extrapolate a {type(base).__name__}")
 
 
-def _describe(measured: str, ids: list[int]) -> str:
+def describe_stage(measured: str, ids: list[int]) -> str:
     """The stage's description with its real blocks (the measured one names the traced ones)."""
     head = "embed + " if measured.startswith("embed + ") else ""
     tail = " + output" if measured.endswith(" + output") else ""

@@ -2,7 +2,8 @@
 
 :func:`plan_layout` measures the first rank of every pipeline stage (:func:`measure_rank`: the
 real model, parallelism, optimizer and one microbatch per stage under a fake process group, traced
-on a few blocks per stage and extrapolated to all of them by :mod:`torchtrain.plan.depth`), then scales what one microbatch costs to a whole step:
+on a few blocks per stage and extrapolated to all of them by :mod:`torchtrain.plan.depth`; ranks whose
+stages hold alike blocks are measured once), then scales what one microbatch costs to a whole step:
 
 * memory: the pipeline schedule keeps several microbatches' activations alive at once. For every
   backward the rank's schedule runs (:mod:`torchtrain.plan.schedule`), the peak is that stage's
@@ -16,6 +17,7 @@ on a few blocks per stage and extrapolated to all of them by :mod:`torchtrain.pl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -28,7 +30,7 @@ from torchtrain.parallel import ParallelDims
 from torchtrain.parallel.mesh import MESH_DIMS
 from torchtrain.parallel.pp import pipeline_settings
 from torchtrain.plan.counters import CommVolume
-from torchtrain.plan.depth import measure_rank_by_depth
+from torchtrain.plan.depth import block_kinds, describe_stage, measure_rank_by_depth, stage_blocks
 from torchtrain.plan.fake_step import RankMeasure, Target, microbatch_size
 from torchtrain.plan.schedule import backward_events, peak_in_flight
 from torchtrain.plan.timing import (GPU, StepTime, bubble_fraction, comm_seconds, group_crosses_nodes,
@@ -101,17 +103,17 @@ def plan_layout(config: Config, model_args: ModelArgs, world_size: int, gpu: GPU
                 target: Target = Target(), ends_only: bool = False, exact: bool = False) -> Plan:
     """Measure and plan the recipe's layout at ``world_size`` on ``gpu`` (ConfigError if impossible).
 
-    ``ends_only``: plan the first and last pipeline ranks only (a search's shortcut: the first
-    keeps the most microbatches in flight, the last holds the output layer). ``exact``: trace every
-    block instead of a few per stage (:mod:`torchtrain.plan.depth`).
+    Every pipeline rank is planned; ranks whose stages hold alike blocks are measured once
+    (:func:`measure_pipeline_ranks`). ``ends_only``: plan the first and last pipeline ranks only (the
+    first keeps the most microbatches in flight, the last holds the output layer, but a middle rank
+    holds the most receive buffers, so this can miss the peak). ``exact``: trace every block instead
+    of a few per stage (:mod:`torchtrain.plan.depth`).
     """
     dims = check_run(config, model_args, world_size, torch.device(target.device_type))
     pipe = pipeline_settings(config, dims.pp)
-    roles = []
-    for pp_rank in sorted({0, dims.pp - 1}) if ends_only else range(dims.pp):
-        rank = pp_rank * (world_size // dims.pp)
-        measure = measure_rank_by_depth(config, model_args, dims, rank, target, exact)
-        roles.append(role_plan(measure, config, model_args, dims, target))
+    pp_ranks = sorted({0, dims.pp - 1}) if ends_only else range(dims.pp)
+    roles = [role_plan(measure, config, model_args, dims, target)
+             for measure in measure_pipeline_ranks(config, model_args, dims, pp_ranks, target, exact)]
     seq = config.training.seq_len
     tokens = config.training.local_batch_size * config.training.grad_accum_steps * dims.dp * seq / world_size
     plan = Plan(config, dims, gpu, efficiency, roles, model_args.flops_per_token(seq), tokens,
@@ -124,6 +126,41 @@ def plan_layout(config: Config, model_args: ModelArgs, world_size: int, gpu: GPU
         plan.notes.append("cp_rotate = 'ring': its attention FLOPs and point-to-point traffic are not counted, so "
                           "the step time is too low; memory is measured. Plan with 'allgather' to compare speed.")
     return plan
+
+
+def measure_pipeline_ranks(config: Config, model_args: ModelArgs, dims: ParallelDims, pp_ranks,
+                           target: Target, exact: bool = False) -> list[RankMeasure]:
+    """The measure of each pipeline rank of ``pp_ranks``, each rank's stages measured once per kind of rank.
+
+    NOTE: a rank's measured step depends on what its stages hold (the embedding, the output, and its
+    blocks in order, by kind: checkpointed or not under "layers"), not on where they sit in the
+    pipeline: each rank measured is the first of its stage, so every other mesh coordinate is the
+    same. What does depend on the position (the schedule's microbatches in flight and torch's receive
+    buffers, which a middle stage holds three kinds of and an end stage one or two) is computed per
+    rank from its stage ids by :func:`predicted_peak`. A 1F1B pipeline of 16 ranks is then measured
+    as three or four ranks instead of sixteen, and no rank is left out.
+    """
+    ranks_per_stage = math.prod(dims.sizes) // dims.pp
+    kind_of = block_kinds(config, model_args)
+    num_stages = pipeline_settings(config, dims.pp).num_stages if dims.pp > 1 else 1
+    measured: dict[tuple, RankMeasure] = {}
+    out = []
+    for pp_rank in pp_ranks:
+        blocks = stage_blocks(config, model_args, dims, pp_rank)
+        contents = tuple((stage == 0, stage == num_stages - 1, tuple(map(kind_of, ids)))
+                         for stage, ids in blocks.items())
+        rank = pp_rank * ranks_per_stage
+        if contents not in measured:
+            measured[contents] = measure_rank_by_depth(config, model_args, dims, rank, target, exact)
+        out.append(as_rank(measured[contents], pp_rank, rank, blocks))
+    return out
+
+
+def as_rank(measure: RankMeasure, pp_rank: int, rank: int, blocks: dict[int, list[int]]) -> RankMeasure:
+    """``measure`` (of a rank whose stages hold the same contents) as the measure of ``pp_rank``."""
+    stages = [dataclasses.replace(stage, stage_id=stage_id, description=describe_stage(stage.description, ids))
+              for stage, (stage_id, ids) in zip(measure.stages, blocks.items(), strict=True)]
+    return dataclasses.replace(measure, rank=rank, pp_rank=pp_rank, stages=stages)
 
 
 def role_plan(measure: RankMeasure, config: Config, model_args: ModelArgs, dims: ParallelDims,
