@@ -44,10 +44,12 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, 
     for i, block in enumerate(blocks):
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, offload_policy=offload,
                     reshard_after_forward=_reshard_policy(reshard_after_forward, i == len(blocks) - 1, pipelined))
-    # NOTE: the root's parameters (embedding, final norm, output) are used once per forward at its two
-    # ends; FSDP keeps the root's unsharded until the backward regardless.
+    # NOTE: the root's parameters (embedding, final norm, output) are gathered for the whole forward
+    # (used at its two ends), and the output projection is the first thing the backward needs: like the
+    # last block's, freeing them after the forward only gathers them again at once. torch keeps the
+    # root gathered by itself only when reshard_after_forward is left to it (None), so it is said here.
     fully_shard(model, mesh=dp_mesh, mp_policy=policy, offload_policy=offload,
-                reshard_after_forward=_reshard_policy(reshard_after_forward, False, pipelined))
+                reshard_after_forward=_reshard_policy(reshard_after_forward, True, pipelined))
     # NOTE: the loss is already divided by the global number of valid tokens, so the gradients must
     # be summed across ranks, not averaged: FSDP's default division by the world size would be wrong.
     # A divide factor of 1 with sum-only reductions is a plain SUM (no PREMUL_SUM, which gloo lacks).
@@ -59,10 +61,10 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, 
                 tuple(dp_mesh.shape), len(blocks), reshard_after_forward, ", CPU offload" if cpu_offload else "")
 
 
-def _reshard_policy(setting: str, is_last_block: bool, pipelined: bool) -> bool:
+def _reshard_policy(setting: str, used_first_by_backward: bool, pipelined: bool) -> bool:
     """Whether a module frees its gathered parameters after its forward.
 
-    NOTE (the "default"): the last block's parameters would be gathered again at once by the
+    NOTE (the "default"): the last block's parameters and the root's would be gathered again at once by the
     backward, so keeping them saves one all-gather for free. Under pipeline parallelism a stage
     runs the forwards of several microbatches before their backwards, so resharding would repeat
     the all-gather for every microbatch; the stage keeps its parameters gathered instead.
@@ -71,4 +73,4 @@ def _reshard_policy(setting: str, is_last_block: bool, pipelined: bool) -> bool:
         return True
     if setting == "never":
         return False
-    return not (is_last_block or pipelined)
+    return not (used_first_by_backward or pipelined)

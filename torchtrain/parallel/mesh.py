@@ -18,6 +18,9 @@ from torchtrain.parallel.pp import SCHEDULES, ZERO_BUBBLE_SCHEDULES, check_sched
 # Mesh dimensions, outermost first. NOTE: tp is innermost so its ranks are neighbours (one node,
 # fastest links); pp outermost because it only sends activations between stages.
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+# The flattened meshes (see Meshes) and the adjacent dimensions each spans, outermost first.
+FLATTENED_DIMS = {"dp": ("dp_replicate", "dp_shard"), "dp_cp": ("dp_replicate", "dp_shard", "cp"),
+                  "dp_shard_cp": ("dp_shard", "cp")}
 
 
 def init_distributed(device: torch.device) -> None:
@@ -176,10 +179,10 @@ class Meshes:
 def build_mesh(dims: ParallelDims, device: torch.device) -> Meshes:
     """The full named mesh and its flattened data-parallel meshes (see :class:`Meshes`)."""
     world = init_device_mesh(device.type, dims.sizes, mesh_dim_names=MESH_DIMS)
-    dp = world["dp_replicate", "dp_shard"]._flatten("dp")
-    dp_cp = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    dp = world[FLATTENED_DIMS["dp"]]._flatten("dp")
+    dp_cp = world[FLATTENED_DIMS["dp_cp"]]._flatten("dp_cp")
     if dims.dp_replicate == 1:
-        fsdp = world["dp_shard", "cp"]._flatten("dp_shard_cp")
+        fsdp = world[FLATTENED_DIMS["dp_shard_cp"]]._flatten("dp_shard_cp")
     else:  # NOTE: unflattening makes a second dp_replicate process group, a copy of the world mesh's own
         fsdp = dp_cp._unflatten(0, (dims.dp_replicate, dims.dp_shard * dims.cp), ("dp_replicate", "dp_shard_cp"))
     return Meshes(world, dp, dp_cp, fsdp)

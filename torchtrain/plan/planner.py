@@ -27,7 +27,7 @@ from torchtrain.config import Config, ConfigError
 from torchtrain.models import ModelArgs
 from torchtrain.checks import check_run
 from torchtrain.parallel import ParallelDims
-from torchtrain.parallel.mesh import MESH_DIMS
+from torchtrain.parallel.mesh import FLATTENED_DIMS, MESH_DIMS
 from torchtrain.parallel.pp import pipeline_settings
 from torchtrain.plan.counters import CommVolume
 from torchtrain.plan.depth import block_kinds, describe_stage, measure_rank_by_depth, stage_blocks
@@ -38,6 +38,8 @@ from torchtrain.plan.timing import (GPU, StepTime, bubble_fraction, comm_seconds
 
 IN_FLIGHT = "other microbatches in flight"  # the breakdown's pipeline parts
 PIPELINE_BUFFERS = "pipeline buffers"
+# The groups FSDP (and HSDP) communicate over; their traffic overlaps the compute (see timing.py).
+FSDP_DIMS = ("dp_replicate", "dp_shard", "dp_shard_cp")
 
 
 @dataclass
@@ -267,22 +269,28 @@ def _add(total: dict[str, CommVolume], part: dict[str, CommVolume], times: float
         total[dim] = total[dim].plus(volume.scaled(times)) if dim in total else volume.scaled(times)
 
 
-def mesh_strides(dims: ParallelDims) -> dict[str, int]:
-    """Rank distance between neighbours of each mesh dimension (the mesh is row-major, tp innermost)."""
-    strides, stride = {}, 1
+def dimension_spans(dims: ParallelDims) -> tuple[dict[str, int], dict[str, int]]:
+    """(rank distance between neighbours, size) of each mesh dimension, flattened ones included.
+
+    The mesh is row-major, tp innermost; a flattened dimension spans adjacent ones, so its ranks are
+    its innermost part's stride apart.
+    """
+    strides, sizes, stride = {}, dict(zip(MESH_DIMS, dims.sizes)), 1
     for name, size in reversed(list(zip(MESH_DIMS, dims.sizes))):
         strides[name] = stride
         stride *= size
-    return strides
+    for name, parts in FLATTENED_DIMS.items():
+        strides[name], sizes[name] = strides[parts[-1]], math.prod(sizes[part] for part in parts)
+    return strides, sizes
 
 
 def role_time(role: RolePlan, dims: ParallelDims, gpu: GPU, efficiency: float, bubble: float) -> StepTime:
-    strides, sizes = mesh_strides(dims), dict(zip(MESH_DIMS, dims.sizes))
+    strides, sizes = dimension_spans(dims)
     seconds = {"fsdp": 0.0, "pp": 0.0, "exposed": 0.0}
     for dim, volume in role.comm_per_step.items():
         crosses = group_crosses_nodes(strides.get(dim, 1), sizes.get(dim, volume.group_size))
         t = comm_seconds(volume.total_wire_bytes, crosses, gpu)
-        seconds["fsdp" if dim in ("dp_shard", "dp_replicate") else "pp" if dim == "pp" else "exposed"] += t
+        seconds["fsdp" if dim in FSDP_DIMS else "pp" if dim == "pp" else "exposed"] += t
     return step_time(role.flops_per_step, seconds["exposed"], seconds["pp"], seconds["fsdp"], role.fsdp_units,
                      bubble, gpu, efficiency)
 

@@ -11,8 +11,12 @@ in question (nothing here was calibrated on a GPU; see docs/plan.md):
   (one NIC per GPU, as in DGX/HGX systems);
 * **overlap**: FSDP's all-gathers and reduce-scatters (and HSDP's all-reduce) run on their own
   stream behind the blocks' compute, except the first all-gather and the last reduce-scatter of a
-  step (one unit each), and whatever exceeds the compute. Tensor-parallel collectives sit between
-  the matmuls that need them and are counted as exposed. Pipeline sends are counted as exposed.
+  step (one unit each), and whatever exceeds the compute. They are the traffic of FSDP's own mesh:
+  ``dp_shard_cp`` (dp_shard x cp flattened, what FSDP shards over) and ``dp_replicate`` (see
+  planner.FSDP_DIMS). Tensor-parallel and context-parallel collectives sit between the matmuls that
+  need them and are counted as exposed, as are the loss's and gradient norm's small all-reduces
+  (``dp``, ``dp_cp``). Pipeline sends are counted as exposed. A flattened group's ranks are its
+  innermost part's stride apart (planner.dimension_spans), which decides NVLink or network.
 * **pipeline bubble**: idle fraction ``(pp - 1) / microbatches`` of the compute for gpipe and
   1f1b, divided by the stages per rank for the interleaved schedules, and by a further 3 for the
   zero-bubble ones (their deferred weight passes fill most of the rest; an approximation).
