@@ -50,7 +50,6 @@ Results go to ``bench/results/attention.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -60,7 +59,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from provenance import commit, tree_dirty
+from provenance import check_destination, commit, tree_dirty, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "attention.json"
@@ -378,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/attention.py: no CUDA device found; this benchmark needs a GPU (H100/H200), "
               "or --smoke for a tiny CPU run", file=sys.stderr)
         return 2
+    check_destination(a.out or DEFAULT_OUT)
     sys.path.insert(0, str(REPO))
     from torchtrain.kernels.attention import op
 
@@ -449,8 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.check_only:
         _print_table(report)
     out = a.out or DEFAULT_OUT
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(out, report)
     print(f"wrote {out} ({report['wall_s']:.0f}s)")
     return 0 if check["passed"] else 1
 

@@ -46,7 +46,6 @@ same file system as a training run's checkpoints. Results go to ``bench/results/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -59,7 +58,7 @@ from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
-from provenance import commit, cpu_name, tree_dirty
+from provenance import check_destination, commit, cpu_name, tree_dirty, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -327,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--step-time", type=float, default=None,
                    help="seconds per training step to judge the async stall against (default: measured)")
     a = p.parse_args(argv)
+    check_destination(a.out)
     if a.quick:
         a.model, a.repeats, a.steps, a.seq_len = a.model or "debug", 1, 1, 128
     command = "python " + " ".join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
@@ -362,8 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     report["verdicts"] = _targets(results)
     _print_table(report)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(a.out, report)
     print(f"results written to {a.out}")
 
 

@@ -66,7 +66,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from provenance import commit, cpu_name, tree_dirty
+from provenance import check_destination, commit, cpu_name, tree_dirty, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "cpu_train.json"
@@ -469,6 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
+    check_destination(a.out)
     if a.quick:
         a.seq_len, a.batch_size, a.warmup, a.steps, a.repeats, a.matmul_iters = 64, 2, 1, 2, 1, 2
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
@@ -550,8 +551,7 @@ def main(argv: list[str] | None = None) -> None:
         "wall_s": time.perf_counter() - started,
     }
     _print_table(report)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(a.out, report)
     print(f"wrote {a.out} ({report['wall_s']:.0f}s)")
 
 

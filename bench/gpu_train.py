@@ -37,7 +37,7 @@ from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
-from provenance import REPO, commit, cpu_name, tree_dirty
+from provenance import REPO, check_destination, commit, cpu_name, tree_dirty, write_report
 
 sys.path.insert(0, str(REPO))
 
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     if not opts.smoke and not torch.cuda.is_available():
         print("error: no CUDA device; bench/gpu_train.py measures GPU training (use --smoke for the CPU code path)")
         sys.exit(2)
+    check_destination(opts.out)
     started = time.perf_counter()
     results = []
     for model, seq_len, precision in matrix(opts.smoke):
@@ -215,7 +216,6 @@ def _format(row: dict) -> str:
 def _write(opts, results: list[dict], started: float) -> None:
     import torch
 
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "gpu_train", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/gpu_train.py" + (" --smoke" if opts.smoke else ""), "commit": commit(),
@@ -227,7 +227,7 @@ def _write(opts, results: list[dict], started: float) -> None:
         "tokens_per_step": SMOKE["tokens_per_step"] if opts.smoke else TOKENS_PER_STEP,
         "results": results, "wall_s": time.perf_counter() - started,
     }
-    opts.out.write_text(json.dumps(report, indent=1))
+    write_report(opts.out, report)
 
 
 if __name__ == "__main__":

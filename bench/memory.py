@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from provenance import commit, cpu_name, tree_dirty
+from provenance import check_destination, commit, cpu_name, tree_dirty, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -201,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args(argv)
+    check_destination(a.out)
     torch.manual_seed(0)
     started = time.perf_counter()
     results = run(a)
@@ -218,8 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         "targets": checks,
     }
     print_table(results, checks)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(a.out, report)
     print(f"results written to {a.out}")
 
 

@@ -16,7 +16,6 @@ Writes both, and their ratio, to the JSON file.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -36,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=provenance.REPO / "bench/results/plan_accuracy.json")
     opts = parser.parse_args(argv)
+    provenance.check_destination(opts.out)
     rows, started = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for world_size, cases in sorted(ACCURACY_CASES.items()):
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> None:
               "machine": {"cpu": provenance.cpu_name(), "python": platform.python_version()},
               "model": "debug (recipes/debug.toml), fp32, CPU, gloo", "seconds": time.perf_counter() - started,
               "rows": rows}
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(report, indent=1) + "\n")
+    provenance.write_report(opts.out, report)
 
 
 if __name__ == "__main__":

@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", nargs="*", default=[], help="only candidates whose name contains one of these")
     parser.add_argument("--out", type=Path, default=provenance.REPO / "bench/results/plan_baselines.json")
     opts = parser.parse_args(argv)
+    provenance.check_destination(opts.out)
     rows = [plan_row(name, not opts.no_search, opts.max_measured, opts.ends_only) for name in opts.rows]
     names = [(row, name) for row in opts.long_context for name in LONG_CONTEXT[row]]
     if opts.candidates:
@@ -227,8 +228,7 @@ def main(argv: list[str] | None = None) -> None:
               "working_tree_dirty": provenance.tree_dirty(), "gpu": GPU.name, "efficiency": DEFAULT_EFFICIENCY,
               "efficiency_note": "an assumption, not calibrated on a GPU", "rows": rows,
               "long_context": long_context}
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(report, indent=1) + "\n")
+    provenance.write_report(opts.out, report)
 
 
 if __name__ == "__main__":
