@@ -50,6 +50,9 @@ LAYOUTS = {
     "fsdp2": (2, 2, ["--parallelism.dp_shard", "2"]),
     "hsdp2x2": (4, 4, ["--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "2"]),
     "tp2": (2, 1, ["--parallelism.tp", "2", "--parallelism.dp_shard", "1"]),
+    # Compiled blocks under TP with the trainer's default backend (inductor): the first block's input
+    # came from the embedding's reduce-scatter still in flight, which crashed the second block.
+    "tp2_compiled": (2, 1, ["--parallelism.tp", "2", "--parallelism.dp_shard", "1", "--compile.enabled", "true"]),
     "pp2_1f1b": (2, 1, ["--parallelism.pp", "2", "--parallelism.dp_shard", "1"]),
     "pp2_interleaved": (2, 1, ["--parallelism.pp", "2", "--parallelism.dp_shard", "1",
                                "--parallelism.pp_schedule", "interleaved_1f1b"]),

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -91,6 +93,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     }
     root_plan = {name: style for name, style in root_plan.items() if getattr(model, name, None) is not None}
     parallelize_module(model, tp_mesh, root_plan)
+    if model.tok_embeddings is not None:
+        model.tok_embeddings.register_forward_hook(_wait_for_local_shard)
 
     # NOTE: pipeline stages exchange plain tensors: each tp rank's sequence shard [B, S / tp, dim] of
     # the hidden states (1/tp of the activation per send). A stage without the embedding takes its
@@ -141,6 +145,25 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
                          "add their modules to the plan")
     logger.info("tensor parallel: tp=%d, sequence parallel, vocabulary-parallel output and loss "
                 "(%s, %d blocks)", tp, ", ".join(root_plan) or "no root modules", len(model.layers))
+
+
+def _wait_for_local_shard(module: nn.Module, inputs, out: DTensor) -> DTensor:
+    """The embedding's output with its reduce-scatter waited for: a DTensor over a plain local tensor.
+
+    NOTE: RowwiseParallel leaves the local shard an AsyncCollectiveTensor (the reduce-scatter still in
+    flight). The first compiled block is traced with that subclass inside the DTensor, and the same
+    compiled code is then called by the next block with a plain local tensor (a compiled block's
+    output): under inductor its unwrapping code reads the subclass's ``elem`` and fails
+    (AttributeError: 'Tensor' object has no attribute 'elem', torch 2.13). The first block needs
+    the values at once anyway, so waiting here costs nothing.
+    """
+    local = out.to_local()
+    if not isinstance(local, AsyncCollectiveTensor):
+        return out
+    # wait_tensor on the wrapper (not on its inner tensor) stays on the autograd graph: the
+    # embedding's gradient flows back through it
+    return DTensor.from_local(torch.ops._c10d_functional.wait_tensor(local), out.device_mesh, out.placements,
+                              run_check=False, shape=out.shape, stride=out.stride())
 
 
 def _styles(block: nn.Module) -> tuple[type, type, type]:
