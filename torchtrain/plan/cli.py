@@ -120,7 +120,8 @@ def print_plan(plan: Plan) -> None:
 
 
 def format_role(role, plan: Plan) -> str:
-    names = {"parameters": "params", "gathered parameters": "gathered", "gradients": "grads",
+    names = {"parameters": "params", "gathered parameters": "gathered", "cast parameters": "casts",
+             "gradients": "grads",
              "optimizer state": "optim", "activations": "acts", "temporaries": "temps",
              "communication buffers": "comm bufs", IN_FLIGHT: "in-flight acts", PIPELINE_BUFFERS: "pipeline bufs"}
     parts = " | ".join(f"{names.get(k, k)} {v / GIB:.2f}" for k, v in role.breakdown.items() if v)

@@ -118,6 +118,8 @@ def _base_blocks(ids: list[int], kind_of: Callable[[int], str]) -> list[int]:
 # Alive for the whole step, per block (gathered parameters: when FSDP keeps them, under pipelining or
 # reshard "never"; otherwise that category is ~0 after the backward and its growth is 0).
 _PERSISTENT = ("parameters", "gradients", "optimizer state", "gathered parameters")
+# Made by each block's forward and alive until its backward (parameter casts: under autocast).
+_SAVED_BY_FORWARD = ("activations", "cast parameters")
 
 
 def _extrapolate(base: RankMeasure, terms: list[tuple[int, RankMeasure]], blocks: dict[int, list[int]],
@@ -156,10 +158,15 @@ def _peak_increments(base: RankMeasure, terms: list, stage: int | None, kept_gat
         persistent = sum(_grown(base, run, c, kept_gathered) for c in _PERSISTENT)
         grads = _grown(base, run, "gradients")
         stages = range(len(base.stages)) if stage is None else [stage]
-        saved = sum(run.stages[i].activation_bytes - base.stages[i].activation_bytes for i in stages)
+        saved = sum(_saved_by_forward(run.stages[i]) - _saved_by_forward(base.stages[i]) for i in stages)
         steady += n * (persistent + saved)
         first += n * (persistent - grads + saved)
     return round(steady), round(first)
+
+
+def _saved_by_forward(stage) -> int:
+    """What a stage's first forward keeps for the backward: its activations and autocast's parameter casts."""
+    return stage.activation_bytes + stage.cast_parameter_bytes
 
 
 def _grown(base: RankMeasure, run: RankMeasure, category: str, kept_gathered: bool = False) -> int:
@@ -172,7 +179,7 @@ def _grown(base: RankMeasure, run: RankMeasure, category: str, kept_gathered: bo
 
 
 def _transient(snapshot: MemorySnapshot) -> dict[str, int]:
-    return {c: v for c, v in snapshot.by_category.items() if c not in _PERSISTENT and c != "activations"}
+    return {c: v for c, v in snapshot.by_category.items() if c not in _PERSISTENT + _SAVED_BY_FORWARD}
 
 
 def _transient_bump(base: RankMeasure, terms: list) -> int:
@@ -186,7 +193,8 @@ def _transient_bump(base: RankMeasure, terms: list) -> int:
 
 def _step_peak(base: RankMeasure, terms: list, kept_gathered: bool) -> MemorySnapshot:
     """The measured step's peak, grown by the steady-state increment (persistent categories
-    extrapolated, the saved activations added to "activations", transient categories as measured)."""
+    extrapolated, what the forwards saved added to "activations" and "cast parameters", transient
+    categories as measured)."""
     out = base.step_peak.copy()
     for _, run in terms:
         for c, v in _transient(run.step_peak).items():
@@ -196,9 +204,10 @@ def _step_peak(base: RankMeasure, terms: list, kept_gathered: bool) -> MemorySna
     for c in persistent:
         out.by_category[c] = max(out.by_category[c], base.step_peak.by_category[c]) + round(
             sum(n * _grown(base, run, c, kept_gathered) for n, run in terms))
-    saved = sum(n * sum(r.activation_bytes - b.activation_bytes for r, b in zip(run.stages, base.stages))
-                for n, run in terms)
-    out.by_category["activations"] += round(saved)
+    for category, field in zip(_SAVED_BY_FORWARD, ("activation_bytes", "cast_parameter_bytes")):
+        saved = sum(n * sum(getattr(r, field) - getattr(b, field) for r, b in zip(run.stages, base.stages))
+                    for n, run in terms)
+        out.by_category[category] += round(saved)
     out.total = sum(out.by_category.values())
     return out
 

@@ -14,6 +14,11 @@ FLOP/collective counter:
   schedule's final reduction;
 * then gradient clipping (:func:`~torchtrain.train.clip_grad_norm`) and ``optimizer.step()``.
 
+Mixed precision without FSDP is autocast, entered as the trainer's ``train_step`` enters it: once
+around each accumulation microbatch, or once around a whole pipeline step (every microbatch of the
+schedule), so that autocast's cached casts of the parameters live as long as they do in training.
+A GPU plan's ops save for the backward what their CUDA kernels save (:mod:`torchtrain.plan.gpu_ops`).
+
 The same function runs for real (``fake=False``) inside a gloo job: that is how the planner's
 accuracy is checked (``tests/workers/plan_memory.py``).
 """
@@ -37,6 +42,7 @@ from torchtrain.parallel import ParallelDims, build_mesh
 from torchtrain.parallel.mesh import MESH_DIMS
 from torchtrain.parallel.pp import pipeline_settings
 from torchtrain.plan.counters import CommVolume, StepCounter, comm_since, copy_comm
+from torchtrain.plan.gpu_ops import gpu_autograd
 from torchtrain.plan.tracker import MemorySnapshot, MemoryTracker, fsdp_known_tensors
 
 
@@ -65,6 +71,9 @@ class StageMeasure:
     # step (the gathered parameters are then kept until the schedule's final reduction).
     comm_per_pipeline_step: dict[str, CommVolume] = field(default_factory=dict)
     first_peak_bytes: int = 0  # the peak of the step's first microbatch (no gradients yet); 0: not measured
+    # Autocast's casts of the stage's parameters made by its first microbatch's forward (not in
+    # activation_bytes: under a pipeline one copy serves every microbatch of the step).
+    cast_parameter_bytes: int = 0
 
 
 @dataclass
@@ -121,7 +130,7 @@ def measure_rank(config: Config, model_args: ModelArgs, dims: ParallelDims, rank
         if keep_blocks is not None:
             _keep_blocks(parts, keep_blocks, dims)
         fake_mode = _fake_mode() if fake else contextlib.nullcontext()
-        with fake_mode:
+        with fake_mode, gpu_autograd(target.device_type):
             return _measure(config, model_args, dims, mesh, parts, rank, target, device)
     finally:
         if fake:
@@ -184,11 +193,18 @@ def _measure(config, model_args, dims, mesh, parts, rank, target, device) -> Ran
     fsdp = uses_fsdp(config, dims)
     autocast = (torch.autocast(device.type, dtype=target.param_dtype)
                 if target.param_dtype != torch.float32 and not fsdp else contextlib.nullcontext())
+    # NOTE: as in train_step: a pipeline schedule runs all its microbatches inside one autocast context,
+    # so autocast's cached casts of the parameters are made once per step; without a pipeline each
+    # microbatch (forward and backward) has its own context.
+    step_autocast, microbatch_autocast = ((autocast, contextlib.nullcontext()) if dims.pp > 1
+                                          else (contextlib.nullcontext(), autocast))
     pp_rank, pipe = mesh["pp"].get_local_rank(), pipeline_settings(config, dims.pp)
     hidden_dtype = target.param_dtype if fsdp else torch.float32  # autocast keeps the residual stream fp32
 
     _create_optimizer_state(parts.model, optimizer)
     tracker = model_state_tracker(parts, optimizer)
+    if not isinstance(autocast, contextlib.nullcontext):
+        tracker.file_casts_of(parts.model.parameters())
     counter = StepCounter(_group_labels(mesh, dims))
 
     deferred = fsdp and dims.pp > 1  # the schedule reduces gradients once, after every microbatch
@@ -203,17 +219,20 @@ def _measure(config, model_args, dims, mesh, parts, rank, target, device) -> Ran
     rank_stages = sorted(zip(parts.stage_ids, parts.stages), key=lambda pair: pair[0])
     measures: dict[int, list[StageMeasure]] = {stage_id: [] for stage_id, _ in rank_stages}
     with counter, tracker:  # tracker innermost-entered (top of the mode stack) so it can pause
-        for _ in range(runs):
-            for stage_id, stage in rank_stages:
-                if deferred:
-                    _defer_gradient_reduction(stage)
-                measures[stage_id].append(_run_microbatch(mesh, stage, stage_id, pipe.num_stages, config, model_args,
-                                                          dims, hidden_dtype, autocast, tracker, counter))
+        with step_autocast:
+            for _ in range(runs):
+                for stage_id, stage in rank_stages:
+                    if deferred:
+                        _defer_gradient_reduction(stage)
+                    measures[stage_id].append(_run_microbatch(mesh, stage, stage_id, pipe.num_stages, config,
+                                                              model_args, dims, hidden_dtype, microbatch_autocast,
+                                                              tracker, counter))
         stages = []
         for stage_id, _ in rank_stages:
             first, last = measures[stage_id][0], measures[stage_id][-1]
             stages.append(dataclasses.replace(
                 last, activation_bytes=first.activation_bytes, first_peak_bytes=first.peak_bytes,
+                cast_parameter_bytes=first.cast_parameter_bytes,
                 comm_per_pipeline_step=comm_since(first.comm_per_microbatch, last.comm_per_microbatch)
                 if deferred else {}))
         before_update = copy_comm(counter.comm)
@@ -317,6 +336,7 @@ def _run_microbatch(mesh, stage, stage_id, num_stages, config, model_args, dims,
     flops_before, comm_before = counter.flops, copy_comm(counter.comm)
     tracker.reset_peak()
     before = tracker.current.by_category["activations"]
+    casts_before = tracker.current.by_category["cast parameters"]
     batch = _shard_for_cp(mesh, config, _fake_batch(microbatch_size(config, dims), config.training.seq_len,
                                                      model_args.vocab_size))
     if is_first:
@@ -327,18 +347,21 @@ def _run_microbatch(mesh, stage, stage_id, num_stages, config, model_args, dims,
         inputs = torch.zeros(batch.tokens.shape[0], seq, model_args.dim, dtype=hidden_dtype, requires_grad=True)
     with autocast:
         out = stage(inputs, labels=batch.labels, **attention_inputs(batch, config))
-    # NOTE: only what the forward saved for the backward is per microbatch; the forward's growth
-    # in total memory also holds FSDP's gathered parameters and all-gather buffers, which a second
-    # microbatch in flight does not duplicate (counting them over-predicted PP x FSDP by 12%).
-    tracker.classify_known()
-    activation_bytes = tracker.current.by_category["activations"] - before
-    if is_last:
-        (out / float(batch.tokens.numel())).backward()
-    else:
-        out.backward(torch.ones_like(out))
-    del out, inputs, batch
+        # NOTE: only what the forward saved for the backward is per microbatch; the forward's growth
+        # in total memory also holds FSDP's gathered parameters and all-gather buffers, and autocast's
+        # cached parameter casts, which a second microbatch in flight does not duplicate (counting
+        # gathered parameters over-predicted PP x FSDP by 12%).
+        tracker.classify_known()
+        activation_bytes = tracker.current.by_category["activations"] - before
+        cast_bytes = tracker.current.by_category["cast parameters"] - casts_before
+        if is_last:
+            (out / float(batch.tokens.numel())).backward()
+        else:
+            out.backward(torch.ones_like(out))
+        del out, inputs, batch
     return StageMeasure(stage_id, _describe(stage), activation_bytes, tracker.peak.total,
-                        counter.flops - flops_before, comm_since(counter.comm, comm_before), len(stage.layers))
+                        counter.flops - flops_before, comm_since(counter.comm, comm_before), len(stage.layers),
+                        cast_parameter_bytes=cast_bytes)
 
 
 def _shard_for_cp(mesh, config: Config, batch: Batch) -> Batch:

@@ -15,6 +15,7 @@ Each storage belongs to one category, so the peak comes with a breakdown whose p
 
 * ``parameters``: the rank's parameter shards, as the optimizer updates them;
 * ``gathered parameters``: FSDP's unsharded copies (all-gather outputs) while they are alive;
+* ``cast parameters``: autocast's low-precision copies of the parameters (see :meth:`MemoryTracker.file_casts_of`);
 * ``gradients``: ``.grad`` of the parameters, and FSDP's unsharded (accumulated) gradients;
 * ``optimizer state``: created inside ``optimizer.step`` (AdamW's two moments and step counts);
 * ``activations``: created in the forward and still alive (saved for the backward);
@@ -44,8 +45,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from torchtrain.plan.counters import in_sharding_propagation
 
-CATEGORIES = ("parameters", "gathered parameters", "gradients", "optimizer state", "activations",
-              "temporaries", "communication buffers")
+CATEGORIES = ("parameters", "gathered parameters", "cast parameters", "gradients", "optimizer state",
+              "activations", "temporaries", "communication buffers")
 # Categories a storage keeps once given: a collective reading a parameter shard does not make it a buffer.
 _STICKY = ("parameters", "gradients", "optimizer state")
 
@@ -97,6 +98,7 @@ class MemoryTracker(TorchDispatchMode):
         self.current = MemorySnapshot()
         self.peak = MemorySnapshot()
         self._info = WeakIdKeyDictionary()  # storage -> [bytes, category]
+        self._cast_sources = WeakIdKeyDictionary()  # storage -> True: casts of it are "cast parameters"
         self._in_optimizer = False
         self._hooks: list = []
         self._original_resize = None
@@ -117,6 +119,19 @@ class MemoryTracker(TorchDispatchMode):
                 self._add(info[1], -info[0])
                 info[1] = category
                 self._add(category, info[0])
+
+    def file_casts_of(self, parameters: Iterable[torch.Tensor]) -> None:
+        """File every dtype cast of these tensors under "cast parameters" rather than where it was made.
+
+        NOTE: for autocast. Its cast of a parameter (a leaf that requires grad) is cached until the
+        outermost autocast context exits, and every later op on that parameter reuses it: under a
+        pipeline schedule, which runs all its microbatches in one autocast context, there is one copy
+        per parameter for the whole step, however many microbatches saved it for their backward. Kept
+        apart from "activations", the copies are not counted again per microbatch in flight.
+        """
+        for p in parameters:
+            for storage in local_storages(p):
+                self._cast_sources[storage] = True
 
     def _release(self, info: list) -> None:
         self._add(info[1], -info[0])
@@ -178,6 +193,9 @@ class MemoryTracker(TorchDispatchMode):
                 if isinstance(t, torch.Tensor) and not isinstance(t, DTensor):
                     self._mark_buffer(t)
         category = self._creation_category()
+        if func is torch.ops.aten._to_copy.default and self._cast_sources \
+                and any(s in self._cast_sources for s in local_storages(args[0])):
+            category = "cast parameters"
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and not isinstance(t, DTensor):
                 self.track(t, category, reclassify=False)
