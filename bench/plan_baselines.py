@@ -30,7 +30,7 @@ from torchtrain.config import ConfigError, load_config  # noqa: E402
 from torchtrain.plan.cli import planning_config  # noqa: E402
 from torchtrain.parallel.pp import pipeline_settings  # noqa: E402
 from torchtrain.plan.fake_step import Target  # noqa: E402
-from torchtrain.plan.planner import hidden_shard_bytes, plan_layout, role_time  # noqa: E402
+from torchtrain.plan.planner import hidden_shard_bytes, on_gpu, plan_layout  # noqa: E402
 from torchtrain.plan.search import search  # noqa: E402
 from torchtrain.plan.timing import DEFAULT_EFFICIENCY, GPUS  # noqa: E402
 from torchtrain.models.shape import model_args_for  # noqa: E402
@@ -163,10 +163,8 @@ def plan_candidate(row: str, name: str, ends_only: bool = True) -> dict:
             shard = hidden_shard_bytes(config, args, plan.dims, Target())
             middle = 3 * pipe.num_microbatches * shard * pipe.stages_per_rank  # two middle stages per rank
             out["middle_rank_pipeline_buffers_gib"] = middle / 2**30
-        for role in plan.roles:  # the step time on H100 from the same measurement (same 80 GiB)
-            role.time = role_time(role, plan.dims, GPUS["h100"], DEFAULT_EFFICIENCY, plan.bubble)
-        plan.gpu = GPUS["h100"]
-        out["h100_tokens_per_s_per_gpu"], out["h100_mfu"] = plan.tokens_per_second_per_gpu, plan.mfu
+        h100 = on_gpu(plan, GPUS["h100"])  # the step time on H100 from the same measurement (same 80 GiB)
+        out["h100_tokens_per_s_per_gpu"], out["h100_mfu"] = h100.tokens_per_second_per_gpu, h100.mfu
     except (ConfigError, ValueError, RuntimeError) as e:
         out["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     out["seconds"] = time.perf_counter() - started

@@ -13,7 +13,6 @@ one in docs/long_context.md, and writes every figure to the JSON file. The effic
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from datetime import datetime, timezone
@@ -28,18 +27,11 @@ import torch  # noqa: E402
 from torchtrain.config import load_config  # noqa: E402
 from torchtrain.models.shape import model_args_for  # noqa: E402
 from torchtrain.plan.cli import planning_config, world_size_of  # noqa: E402
-from torchtrain.plan.planner import plan_layout, role_time  # noqa: E402
+from torchtrain.plan.planner import on_gpu, plan_layout  # noqa: E402
 from torchtrain.plan.timing import DEFAULT_EFFICIENCY, GPUS  # noqa: E402
 
 RECIPES = sorted(p.stem for p in (provenance.REPO / "recipes").glob("*.toml") if p.stem != "debug")
 GIB = 2**30
-
-
-def on_gpu(plan, gpu):
-    """``plan`` with its step times for ``gpu`` (same memory: both GPUs have 80 GiB)."""
-    roles = [dataclasses.replace(r, time=role_time(r, plan.dims, gpu, plan.efficiency, plan.bubble))
-             for r in plan.roles]
-    return dataclasses.replace(plan, gpu=gpu, roles=roles)
 
 
 def plan_recipe(name: str) -> dict:
@@ -48,7 +40,7 @@ def plan_recipe(name: str) -> dict:
     world_size = world_size_of(config, None)
     a100 = plan_layout(config, model_args_for(config, torch.device("cuda")), world_size, GPUS["a100-80g"],
                        DEFAULT_EFFICIENCY)
-    h100 = on_gpu(a100, GPUS["h100"])
+    h100 = on_gpu(a100, GPUS["h100"])  # the same memory: both have 80 GiB
     peak_role = max(a100.roles, key=lambda r: r.peak_bytes)
     return {"recipe": name, "gpus": world_size, "layout": a100.layout(), "seq_len": config.training.seq_len,
             "activation_checkpoint": config.activation_checkpoint.mode, "peak_gib": a100.peak_bytes / GIB,

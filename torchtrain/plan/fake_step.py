@@ -205,7 +205,7 @@ def _measure(config, model_args, dims, mesh, parts, rank, target, device) -> Ran
     tracker = model_state_tracker(parts, optimizer)
     if not isinstance(autocast, contextlib.nullcontext):
         tracker.file_casts_of(parts.model.parameters())
-    counter = StepCounter(_group_labels(mesh, dims))
+    counter = StepCounter(_group_labels(mesh))
 
     deferred = fsdp and dims.pp > 1  # the schedule reduces gradients once, after every microbatch
     # NOTE: with more than one microbatch per step (pipelining or accumulation) every backward but
@@ -312,7 +312,7 @@ def known_tensors(parts):
         yield "gradients", p.grad
 
 
-def _group_labels(mesh, dims: ParallelDims) -> dict[str, str]:
+def _group_labels(mesh) -> dict[str, str]:
     """Process group name -> the mesh dimension it spans, the flattened ones included.
 
     NOTE: FSDP runs over its own mesh (``dp_shard_cp``, and with HSDP a copy of ``dp_replicate``),

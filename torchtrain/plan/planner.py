@@ -121,13 +121,19 @@ def plan_layout(config: Config, model_args: ModelArgs, world_size: int, gpu: GPU
     plan = Plan(config, dims, gpu, efficiency, roles, model_args.flops_per_token(seq), tokens,
                 pipe.schedule if dims.pp > 1 else "", pipe.num_microbatches if dims.pp > 1 else 1)
     plan.bubble = bubble_fraction(pipe.schedule, dims.pp, pipe.num_microbatches, pipe.stages_per_rank)
-    for role in roles:
-        role.time = role_time(role, dims, gpu, efficiency, plan.bubble)
+    plan = on_gpu(plan, gpu)
     if dims.cp > 1 and config.parallelism.cp_rotate == "ring":
         # NOTE: the ring runs inside one opaque op whose point-to-point sends the counters do not see.
         plan.notes.append("cp_rotate = 'ring': its attention FLOPs and point-to-point traffic are not counted, so "
                           "the step time is too low; memory is measured. Plan with 'allgather' to compare speed.")
     return plan
+
+
+def on_gpu(plan: Plan, gpu: GPU) -> Plan:
+    """``plan`` timed on ``gpu``: the same measured memory, FLOPs and traffic, that GPU's rates."""
+    roles = [dataclasses.replace(r, time=role_time(r, plan.dims, gpu, plan.efficiency, plan.bubble))
+             for r in plan.roles]
+    return dataclasses.replace(plan, gpu=gpu, roles=roles)
 
 
 def measure_pipeline_ranks(config: Config, model_args: ModelArgs, dims: ParallelDims, pp_ranks,

@@ -51,15 +51,11 @@ CATEGORIES = ("parameters", "gathered parameters", "cast parameters", "gradients
 _STICKY = ("parameters", "gradients", "optimizer state")
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 # op -> bytes it allocates and frees inside itself, from its arguments. The same ATen code runs on every device:
 # * logsumexp: ``exp(x - max)`` into a temporary the size of its input (ATen's ``logsumexp_out_impl``); the loss
 #   calls it on a chunk of fp32 logits, the largest temporary of the step on small models.
 OP_WORKSPACE = {
-    torch.ops.aten.logsumexp.default: lambda args, kwargs: _nbytes(args[0]),
+    torch.ops.aten.logsumexp.default: lambda args, kwargs: args[0].nbytes,
 }
 
 
