@@ -1,11 +1,12 @@
-"""The planner's traffic per step against counts made by hand, one layout of each family.
+"""The planner's traffic and work per step against counts made by hand, one layout of each family.
 
 For each layout the planner's bytes on the wire per mesh dimension are compared with a count
 from the model's parameter sizes (FSDP, HSDP) or its activation shape (TP's sequence-parallel
 collectives), and its step time with the classification the time model documents
 (plan/timing.py): FSDP's and HSDP's collectives overlap the compute, everything else but the
 pipeline's sends is exposed. The debug model on the GPU target (bf16 parameters for compute,
-fp32 gradient reduction), traced block by block.
+fp32 gradient reduction), traced block by block. Then the work a CPU plan counts (FLOPs by the
+model's formula, attention's apart; the update's memory traffic) and how a measured device times it.
 """
 
 import dataclasses
@@ -19,8 +20,9 @@ from torchtrain.models.shape import model_args_for
 from torchtrain.parallel import ParallelDims
 from torchtrain.parallel.pp import split_layers
 from torchtrain.plan.cli import planning_config
-from torchtrain.plan.planner import FSDP_DIMS, dimension_spans, plan_layout
-from torchtrain.plan.timing import GPUS, LINK_EFFICIENCY
+from torchtrain.plan.fake_step import Target
+from torchtrain.plan.planner import FSDP_DIMS, dimension_spans, on_gpu, plan_layout
+from torchtrain.plan.timing import GPUS, LINK_EFFICIENCY, MEASURED_EFFICIENCY, measured_device
 
 REPO_RECIPE = "recipes/debug.toml"
 BATCH, SEQ = 2, 128
@@ -65,7 +67,7 @@ def fsdp_default(root: int, blocks: list[int], group: int) -> dict[str, float]:
 
 
 def seconds(nbytes: float) -> float:
-    return nbytes / (H100.nvlink_bytes_per_s * LINK_EFFICIENCY)  # every group here sits in one node
+    return nbytes / (H100.intra_node_bytes_per_s * LINK_EFFICIENCY)  # every group here sits in one node
 
 
 def check_volumes(comm, dim: str, group: int, expected: dict[str, float]) -> None:
@@ -159,3 +161,56 @@ def test_flattened_dimensions_span_their_parts_ranks():
     assert (strides["dp_shard_cp"], sizes["dp_shard_cp"]) == (2, 8)  # ranks 0, 2, ..., 14: two nodes of 8
     assert (strides["dp"], sizes["dp"]) == (4, 4)
     assert (strides["dp_cp"], sizes["dp_cp"]) == (2, 8)
+
+
+def cpu_plan(world_size: int, *overrides: str):
+    config = planning_config(load_config(REPO_RECIPE, [f"--training.seq_len={SEQ}",
+                                                       f"--training.local_batch_size={BATCH}", *overrides]))
+    args = model_args_for(config, torch.device("cpu"))
+    return plan_layout(config, args, world_size, H100, 0.5, target=Target("cpu", torch.float32), exact=True), args
+
+
+def test_a_cpu_plan_counts_the_flops_of_the_model_formula_with_attention_apart():
+    # On CPU the sdpa backend runs ATen's CPU flash kernel, whose FLOPs torch's registry does not know.
+    p, args = cpu_plan(1)
+    assert args.attention == "sdpa"
+    (role,) = p.roles
+    tokens = BATCH * SEQ
+    with torch.device("meta"):
+        model = Transformer(args)
+    matrices = sum(q.numel() for name, q in model.named_parameters() if q.dim() == 2 and "tok_embeddings" not in name)
+    # Attention executed per layer and token: QKᵀ and PV forward (2 · 2·s·d); backward, QKᵀ again (a
+    # flash kernel recomputes the scores) and the four gradient products (5 · 2·s·d).
+    attention = 14 * args.num_layers * args.dim * SEQ * tokens
+    assert role.attention_flops_per_step == attention
+    assert role.flops_per_step == 6 * matrices * tokens + attention
+
+
+def test_the_update_moves_at_least_what_adamw_reads_and_writes():
+    p, args = cpu_plan(1)
+    (role,) = p.roles
+    with torch.device("meta"):
+        params = sum(q.numel() for q in Transformer(args).parameters())
+    adamw = 7 * FP32 * params  # reads parameter, gradient and both moments; writes parameter and moments
+    # The update is measured once per step, the rest per microbatch: two microbatches add the latter twice.
+    accumulated, _ = cpu_plan(1, "--training.grad_accum_steps=2")
+    update = 2 * role.memory_traffic_per_step - accumulated.roles[0].memory_traffic_per_step
+    assert adamw <= update <= 2 * adamw
+
+
+def test_a_measured_device_times_each_kind_at_its_rate_and_hides_nothing_without_overlap():
+    rates = {"all-gather": 1e9, "reduce-scatter": 0.5e9, "all-reduce": 2e9, "send": 1.5e9}
+    cpu = measured_device("cpu", 2**34, 100e9, 50e9, 20e9, rates, overlaps_collectives=False)
+    p, _ = plan(2, "--parallelism.dp_shard=2")
+    (role,) = on_gpu(dataclasses.replace(p, efficiency=MEASURED_EFFICIENCY), cpu).roles
+    matmul = role.flops_per_step - role.attention_flops_per_step
+    assert role.time.compute_s == pytest.approx(matmul / 100e9 + role.attention_flops_per_step / 50e9
+                                                + role.memory_traffic_per_step / 20e9)
+    (dim,) = [d for d in role.comm_per_step if d in FSDP_DIMS]
+    fsdp = role.comm_per_step[dim].wire_bytes
+    assert role.time.fsdp_s == pytest.approx(sum(nbytes / rates[kind] for kind, nbytes in fsdp.items()))
+    assert role.time.exposed_fsdp_s == role.time.fsdp_s
+    # The same work on an H100 (a spec sheet: overlapped, memory traffic inside the efficiency).
+    (h100,) = p.roles
+    assert h100.time.exposed_fsdp_s < h100.time.fsdp_s
+    assert h100.time.compute_s == pytest.approx(h100.flops_per_step / (H100.peak_flops * 0.5))

@@ -152,6 +152,14 @@ def _flash_attention_backward_flops(dout, dlse, q, k, v, out, lse, document_ids,
                                     _keys_seen(q.shape, v.shape, window))
 
 
+def _cpu_sdpa_flops(q, k, v, *args, out_val=None, **kwargs) -> int:
+    return sdpa_flop_count(q.shape, k.shape, v.shape)
+
+
+def _cpu_sdpa_backward_flops(dout, q, k, v, *args, out_val=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(dout.shape, q.shape, k.shape, v.shape)
+
+
 _aten = torch.ops.aten
 BACKENDS: dict[str, AttentionBackend] = {
     "sdpa": AttentionBackend(_sdpa, frozenset(MASKS), saved_ops=(
@@ -159,7 +167,10 @@ BACKENDS: dict[str, AttentionBackend] = {
         _aten._scaled_dot_product_flash_attention_for_cpu.default,
         _aten._scaled_dot_product_efficient_attention.default,
         _aten._scaled_dot_product_cudnn_attention.default,
-    )),
+    ), flop_formulas={  # torch's FLOP registry has the GPU kernels' formulas, not the CPU one's
+        _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+        _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+    }),
     "reference": AttentionBackend(_reference, frozenset(MASKS), block_backward=_reference_block_backward),
     "triton": AttentionBackend(_triton, frozenset(MASKS), block_backward=torch.ops.torchtrain.flash_attention_backward,
                                saved_ops=(torch.ops.torchtrain.flash_attention.default,), flop_formulas={

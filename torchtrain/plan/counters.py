@@ -1,4 +1,5 @@
-"""What a rank executes in a step: FLOPs (local shapes, recomputation included) and collectives.
+"""What a rank executes in a step: FLOPs (local shapes, recomputation included), the memory traffic
+of the ops that have no FLOP formula, and collectives.
 
 One dispatch mode, :class:`StepCounter`, does both so the fake step pays for one Python layer
 per op. Like the memory tracker it lets DTensor ops through, so it sees the local ops with the
@@ -8,6 +9,11 @@ global (DTensor) shape, tp times what the rank does.
 FLOPs use torch's formulas (``torch.utils.flop_counter``: 2 per multiply-add; attention counted
 over the full score matrix, without halving for the causal mask, as the project's convention
 does), plus formulas for the project's own attention op, ``torchtrain::flash_attention``.
+
+Memory traffic: an op without a FLOP formula (norms, activations, RoPE, the loss's softmax, the
+optimizer, copies) is bound by memory, not arithmetic; it counts the bytes of its tensor inputs and
+outputs. Views and allocations move nothing and are left out. A device that gives a rate for it (a
+measured profile) adds that time; on a spec sheet it is part of the efficiency.
 
 Communication is recorded per process group and mapped to the mesh dimension that owns the group.
 "Wire bytes" are what one rank sends with a ring algorithm: ``(g - 1) / g`` of the gathered size
@@ -29,8 +35,20 @@ from torchtrain.models.attention import BACKENDS
 
 _FORMULAS = {
     **flop_registry,  # already wrapped to take tensors (register_flop_formula)
+    # The registry lists addmm but not its in-place form, which the chunked loss accumulates the
+    # output layer's weight gradient with (a third of that layer's FLOPs).
+    torch.ops.aten.addmm_: flop_registry[torch.ops.aten.addmm],
     **{op: formula for backend in BACKENDS.values() for op, formula in backend.flop_formulas.items()},
 }
+# Ops that neither compute nor move tensor data (views are recognised by their schema).
+_NO_TRAFFIC = frozenset(["empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach",
+                         "alias", "lift_fresh", "_local_scalar_dense", "resize_", "set_", "record_stream",
+                         "sym_size", "sym_stride", "sym_numel", "sym_storage_offset"])
+# Attention's FLOPs are counted apart from the matmuls': a device may run them at another rate
+# (timing.Device.attention_flops; a CPU's flash kernel reaches about 60% of its GEMM rate).
+_ATTENTION_OPS = frozenset(
+    [op for backend in BACKENDS.values() for op in backend.flop_formulas]
+    + [op for op in flop_registry if "attention" in getattr(op, "__name__", type(op).__name__).lower()])
 
 # Collective -> (index of the tensor whose size is the full data, factor of (g - 1) / g that one rank sends).
 _ALL_GATHER, _REDUCE_SCATTER, _ALL_REDUCE = "all-gather", "reduce-scatter", "all-reduce"
@@ -121,6 +139,8 @@ class StepCounter(TorchDispatchMode):
         super().__init__()
         self.group_names = group_names
         self.flops = 0
+        self.attention_flops = 0  # the part of ``flops`` that attention ops execute
+        self.memory_bytes = 0  # read and written by the ops without a FLOP formula
         self.comm: dict[str, CommVolume] = defaultdict(CommVolume)
 
     def __enter__(self):
@@ -158,9 +178,15 @@ class StepCounter(TorchDispatchMode):
         packet = func._overloadpacket
         formula = _FORMULAS.get(packet)
         if formula is not None:
-            self.flops += formula(*args, **kwargs, out_val=out)
-        elif func.namespace in ("c10d", "_c10d_functional") and func._opname in _COLLECTIVES:
-            self._record(func._opname, args)
+            flops = formula(*args, **kwargs, out_val=out)
+            self.flops += flops
+            if packet in _ATTENTION_OPS:
+                self.attention_flops += flops
+        elif func.namespace in ("c10d", "_c10d_functional"):
+            if func._opname in _COLLECTIVES:
+                self._record(func._opname, args)
+        elif not func.is_view and func._opname not in _NO_TRAFFIC:
+            self.memory_bytes += _nbytes(args) + _nbytes(list(kwargs.values())) + _nbytes(out)
         return out
 
     def _record(self, name: str, args: tuple) -> None:

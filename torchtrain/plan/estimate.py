@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torchtrain.models import ModelArgs
 from torchtrain.plan.schedule import backward_events, peak_in_flight
-from torchtrain.plan.timing import GPU, bubble_fraction, comm_seconds, group_crosses_nodes, step_time
+from torchtrain.plan.timing import Device, bubble_fraction, comm_seconds, group_crosses_nodes, step_time
 
 BF16, FP32 = 2, 4
 
@@ -60,7 +60,7 @@ def activation_bytes_per_token(args: ModelArgs, tp: int, ac_mode: str) -> float:
     return full / 2
 
 
-def estimate(args: ModelArgs, layout: Layout, seq_len: int, gpu: GPU, efficiency: float,
+def estimate(args: ModelArgs, layout: Layout, seq_len: int, gpu: Device, efficiency: float,
              tokens_per_gpu: float) -> tuple[float, float]:
     """(peak bytes of the busiest rank, step seconds) of ``layout``, in closed form."""
     stages = layout.pp * layout.stages_per_rank
@@ -100,14 +100,16 @@ def estimate(args: ModelArgs, layout: Layout, seq_len: int, gpu: GPU, efficiency
     flops = args.flops_per_token(seq_len) * tokens_per_gpu * recompute
     microbatches = layout.grad_accum * layout.num_microbatches
     tp_bytes = 8 * 2 * BF16 * tokens * args.dim * (layout.tp - 1) / layout.tp * blocks * microbatches
-    tp_seconds = comm_seconds(tp_bytes * recompute, group_crosses_nodes(1, layout.tp), gpu)
+    # Sequence parallel: an all-gather before and a reduce-scatter after each tensor-parallel matmul pair.
+    tp_seconds = comm_seconds({"all-gather": tp_bytes * recompute / 2, "reduce-scatter": tp_bytes * recompute / 2},
+                              group_crosses_nodes(1, layout.tp), gpu)
     gathers = 1 if layout.pp > 1 or layout.reshard == "never" else 2
-    fsdp_bytes = (gathers * BF16 + FP32) * local_params * (layout.dp_shard - 1) / layout.dp_shard
-    fsdp_bytes *= layout.grad_accum if layout.pp > 1 else microbatches
+    share = (layout.dp_shard - 1) / layout.dp_shard * (layout.grad_accum if layout.pp > 1 else microbatches)
+    fsdp_bytes = {"all-gather": gathers * BF16 * local_params * share, "reduce-scatter": FP32 * local_params * share}
     fsdp_seconds = comm_seconds(fsdp_bytes, group_crosses_nodes(layout.tp * layout.cp, layout.dp_shard), gpu)
-    fsdp_seconds += comm_seconds(2 * FP32 * sharded, True, gpu) if layout.dp_replicate > 1 else 0.0
+    fsdp_seconds += comm_seconds({"all-reduce": 2 * FP32 * sharded}, True, gpu) if layout.dp_replicate > 1 else 0.0
     pp_bytes = 2 * BF16 * tokens * args.dim / layout.tp * microbatches * layout.stages_per_rank
-    pp_seconds = comm_seconds(pp_bytes, True, gpu) if layout.pp > 1 else 0.0
+    pp_seconds = comm_seconds({"send": pp_bytes}, True, gpu) if layout.pp > 1 else 0.0
     bubble = bubble_fraction(layout.schedule, layout.pp, layout.num_microbatches, layout.stages_per_rank)
-    time = step_time(flops, tp_seconds, pp_seconds, fsdp_seconds, blocks + 1, bubble, gpu, efficiency)
+    time = step_time(flops, 0.0, 0.0, tp_seconds, pp_seconds, fsdp_seconds, blocks + 1, bubble, gpu, efficiency)
     return memory, time.total_s

@@ -67,6 +67,8 @@ class StageMeasure:
     flops_per_microbatch: int  # this rank's FLOPs of one microbatch forward + backward (recomputation included)
     comm_per_microbatch: dict[str, CommVolume]
     num_blocks: int = 0
+    attention_flops_per_microbatch: int = 0  # the part of flops_per_microbatch that attention ops execute
+    memory_bytes_per_microbatch: int = 0  # read and written by its ops without a FLOP formula (counters.py)
     # Under pipeline parallelism with FSDP: the all-gathers of the first microbatch of each pipeline
     # step (the gathered parameters are then kept until the schedule's final reduction).
     comm_per_pipeline_step: dict[str, CommVolume] = field(default_factory=dict)
@@ -88,6 +90,7 @@ class RankMeasure:
     after_step: MemorySnapshot  # what stays between steps (parameters, optimizer state, gradients freed)
     comm_per_step: dict[str, CommVolume] = field(default_factory=dict)  # collectives once per step / pipeline step
     flops_per_step_extra: int = 0  # FLOPs of the update (norm, clipping): not matmuls, near zero
+    memory_bytes_per_step: int = 0  # read and written by the update (clipping, AdamW) once per step
     # What is alive after the last backward, before the update (a quiet moment: the step's
     # persistent memory, by category; torchtrain.plan.depth takes its per-block growth from it).
     after_backward: MemorySnapshot = field(default_factory=MemorySnapshot)
@@ -235,7 +238,7 @@ def _measure(config, model_args, dims, mesh, parts, rank, target, device) -> Ran
                 cast_parameter_bytes=first.cast_parameter_bytes,
                 comm_per_pipeline_step=comm_since(first.comm_per_microbatch, last.comm_per_microbatch)
                 if deferred else {}))
-        before_update = copy_comm(counter.comm)
+        before_update, memory_before_update = copy_comm(counter.comm), counter.memory_bytes
         tracker.classify_known()
         after_backward = tracker.current.copy()
         if deferred:
@@ -255,8 +258,10 @@ def _measure(config, model_args, dims, mesh, parts, rank, target, device) -> Ran
         optimizer.zero_grad(set_to_none=True)
         after_step = tracker.current.copy()
     per_step = comm_since(counter.comm, before_update)
+    update_memory_bytes = counter.memory_bytes - memory_before_update
     held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in parts.model.parameters())
-    return RankMeasure(rank, pp_rank, stages, held, step_peak, after_step, per_step, after_backward=after_backward)
+    return RankMeasure(rank, pp_rank, stages, held, step_peak, after_step, per_step,
+                       memory_bytes_per_step=update_memory_bytes, after_backward=after_backward)
 
 
 def _create_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -333,7 +338,8 @@ def _run_microbatch(mesh, stage, stage_id, num_stages, config, model_args, dims,
     from torchtrain.train import attention_inputs
 
     is_first, is_last = stage.tok_embeddings is not None, stage.output is not None
-    flops_before, comm_before = counter.flops, copy_comm(counter.comm)
+    flops_before, attention_before, comm_before = counter.flops, counter.attention_flops, copy_comm(counter.comm)
+    memory_before = counter.memory_bytes
     tracker.reset_peak()
     before = tracker.current.by_category["activations"]
     casts_before = tracker.current.by_category["cast parameters"]
@@ -361,6 +367,8 @@ def _run_microbatch(mesh, stage, stage_id, num_stages, config, model_args, dims,
         del out, inputs, batch
     return StageMeasure(stage_id, _describe(stage), activation_bytes, tracker.peak.total,
                         counter.flops - flops_before, comm_since(counter.comm, comm_before), len(stage.layers),
+                        attention_flops_per_microbatch=counter.attention_flops - attention_before,
+                        memory_bytes_per_microbatch=counter.memory_bytes - memory_before,
                         cast_parameter_bytes=cast_bytes)
 
 

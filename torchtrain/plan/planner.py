@@ -33,7 +33,7 @@ from torchtrain.plan.counters import CommVolume
 from torchtrain.plan.depth import block_kinds, describe_stage, measure_rank_by_depth, stage_blocks
 from torchtrain.plan.fake_step import RankMeasure, Target, microbatch_size
 from torchtrain.plan.schedule import backward_events, peak_in_flight
-from torchtrain.plan.timing import (GPU, StepTime, bubble_fraction, comm_seconds, group_crosses_nodes,
+from torchtrain.plan.timing import (Device, StepTime, bubble_fraction, comm_seconds, group_crosses_nodes,
                                     step_time)
 
 IN_FLIGHT = "other microbatches in flight"  # the breakdown's pipeline parts
@@ -56,6 +56,8 @@ class RolePlan:
     in_flight: dict[int, int]  # stage -> most microbatches alive at once
     flops_per_step: float  # executed by this rank, recomputation included
     comm_per_step: dict[str, CommVolume]  # by mesh dimension ("pp": computed sends)
+    attention_flops_per_step: float = 0.0  # the part of flops_per_step that attention ops execute
+    memory_traffic_per_step: float = 0.0  # bytes read and written by the ops without a FLOP formula
     time: StepTime | None = None
 
 
@@ -63,7 +65,7 @@ class RolePlan:
 class Plan:
     config: Config
     dims: ParallelDims
-    gpu: GPU
+    gpu: Device
     efficiency: float
     roles: list[RolePlan]
     flops_per_token: int  # the project's convention (ModelArgs.flops_per_token)
@@ -95,13 +97,13 @@ class Plan:
 
     @property
     def mfu(self) -> float:
-        return self.tokens_per_second_per_gpu * self.flops_per_token / self.gpu.bf16_flops
+        return self.tokens_per_second_per_gpu * self.flops_per_token / self.gpu.peak_flops
 
     def layout(self) -> str:
         return " x ".join(f"{name} {size}" for name, size in zip(MESH_DIMS, self.dims.sizes) if size > 1) or "1 rank"
 
 
-def plan_layout(config: Config, model_args: ModelArgs, world_size: int, gpu: GPU, efficiency: float,
+def plan_layout(config: Config, model_args: ModelArgs, world_size: int, gpu: Device, efficiency: float,
                 target: Target = Target(), ends_only: bool = False, exact: bool = False) -> Plan:
     """Measure and plan the recipe's layout at ``world_size`` on ``gpu`` (ConfigError if impossible).
 
@@ -129,8 +131,8 @@ def plan_layout(config: Config, model_args: ModelArgs, world_size: int, gpu: GPU
     return plan
 
 
-def on_gpu(plan: Plan, gpu: GPU) -> Plan:
-    """``plan`` timed on ``gpu``: the same measured memory, FLOPs and traffic, that GPU's rates."""
+def on_gpu(plan: Plan, gpu: Device) -> Plan:
+    """``plan`` timed on ``gpu``: the same measured memory, FLOPs and traffic, that device's rates."""
     roles = [dataclasses.replace(r, time=role_time(r, plan.dims, gpu, plan.efficiency, plan.bubble))
              for r in plan.roles]
     return dataclasses.replace(plan, gpu=gpu, roles=roles)
@@ -178,6 +180,9 @@ def role_plan(measure: RankMeasure, config: Config, model_args: ModelArgs, dims:
     accum = config.training.grad_accum_steps
     per_step = accum * (pipe.num_microbatches if dims.pp > 1 else 1)  # microbatch forwards per step
     flops = sum(s.flops_per_microbatch for s in measure.stages) * per_step
+    attention_flops = sum(s.attention_flops_per_microbatch for s in measure.stages) * per_step
+    memory_traffic = (sum(s.memory_bytes_per_microbatch for s in measure.stages) * per_step
+                      + measure.memory_bytes_per_step)
     comm: dict[str, CommVolume] = {}
     for stage in measure.stages:
         _add(comm, stage.comm_per_microbatch, per_step)
@@ -189,7 +194,7 @@ def role_plan(measure: RankMeasure, config: Config, model_args: ModelArgs, dims:
         comm["pp"] = pipeline_sends(measure, config, model_args, dims, target, per_step)
     return RolePlan(measure.pp_rank, measure.rank, " + ".join(s.description for s in measure.stages),
                     measure.num_params, sum(s.num_blocks + 1 for s in measure.stages), peak, breakdown, in_flight,
-                    flops, comm)
+                    flops, comm, attention_flops, memory_traffic)
 
 
 def predicted_peak(measure: RankMeasure, config: Config, model_args: ModelArgs, dims: ParallelDims,
@@ -290,15 +295,15 @@ def dimension_spans(dims: ParallelDims) -> tuple[dict[str, int], dict[str, int]]
     return strides, sizes
 
 
-def role_time(role: RolePlan, dims: ParallelDims, gpu: GPU, efficiency: float, bubble: float) -> StepTime:
+def role_time(role: RolePlan, dims: ParallelDims, gpu: Device, efficiency: float, bubble: float) -> StepTime:
     strides, sizes = dimension_spans(dims)
     seconds = {"fsdp": 0.0, "pp": 0.0, "exposed": 0.0}
     for dim, volume in role.comm_per_step.items():
         crosses = group_crosses_nodes(strides.get(dim, 1), sizes.get(dim, volume.group_size))
-        t = comm_seconds(volume.total_wire_bytes, crosses, gpu)
+        t = comm_seconds(volume.wire_bytes, crosses, gpu)
         seconds["fsdp" if dim in FSDP_DIMS else "pp" if dim == "pp" else "exposed"] += t
-    return step_time(role.flops_per_step, seconds["exposed"], seconds["pp"], seconds["fsdp"], role.fsdp_units,
-                     bubble, gpu, efficiency)
+    return step_time(role.flops_per_step, role.attention_flops_per_step, role.memory_traffic_per_step,
+                     seconds["exposed"], seconds["pp"], seconds["fsdp"], role.fsdp_units, bubble, gpu, efficiency)
 
 
 def check_world_size(world_size: int) -> None:

@@ -30,7 +30,7 @@ from torchtrain.parallel.ac import MODES
 from torchtrain.parallel.pp import check_schedule
 from torchtrain.plan.estimate import Layout, estimate
 from torchtrain.plan.planner import Plan, plan_layout
-from torchtrain.plan.timing import GPU, GPUS_PER_NODE
+from torchtrain.plan.timing import Device, GPUS_PER_NODE
 
 MAX_MEASURED = 12  # layouts measured per search at most
 DEFAULTS = Config().source  # the source of a config read from no recipe file
@@ -180,7 +180,7 @@ def recipe_config(config: Config) -> Config:
     return load_config(None if config.source == DEFAULTS else config.source)
 
 
-def search(config: Config, world_size: int, gpu: GPU, efficiency: float, top: int = 5,
+def search(config: Config, world_size: int, gpu: Device, efficiency: float, top: int = 5,
            max_measured: int = MAX_MEASURED) -> list[Candidate]:
     """The ``top`` fastest measured layouts that fit, fastest first; ConfigError if none fits.
 
@@ -239,7 +239,7 @@ def search(config: Config, world_size: int, gpu: GPU, efficiency: float, top: in
     return sorted(found, key=lambda c: c.plan.step_seconds)
 
 
-def print_search(config: Config, found: list[Candidate], gpu: GPU) -> None:
+def print_search(config: Config, found: list[Candidate], gpu: Device) -> None:
     print(f"{config.source}: {config.model.name}, seq_len {config.training.seq_len}, fastest layouts that fit on "
           f"{gpu.name} (measured peak / usable {gpu.usable_memory_bytes / 2**30:.1f} GiB):")
     for i, c in enumerate(found, 1):
