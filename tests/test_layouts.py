@@ -45,25 +45,54 @@ def single(tmp_path_factory):
     return run(tmp_path_factory.mktemp("single"), "single", 1, 1)
 
 
-# name: (processes, data-parallel ranks, recipe overrides)
+ON, OFF = ["--compile.enabled", "true"], []  # compile: the trainer's default backend (inductor) or none
+
+
+def ac(mode: str) -> list[str]:
+    return ["--activation_checkpoint.mode", mode, *(["--activation_checkpoint.num_layers", "2"]
+                                                   if mode == "layers" else [])]
+
+
+# name: (processes, data-parallel ranks x accumulation steps, recipe overrides). A covering matrix of what users type:
+# every parallelism (FSDP, HSDP, TP, each pipeline schedule, each CP rotation) and their pairs up to
+# 8 processes, every (compile, checkpointing) pair, and every parallelism with compile on and off
+# where it can run compiled (zero-bubble schedules are refused with compile: tests/test_pp.py):
+#
+#   checkpointing | compile off                         | compile on
+#   none          | fsdp2, pp2_fsdp2, pp2_gpipe_fsdp2_accum2 | tp2_compiled
+#   selective     | tp2, pp2_interleaved, pp2_cp2       | fsdp2_compiled, cp2_ring
+#   full          | pp2_zero_bubble                     | hsdp2x2, tp2_compiled_full, cp2_fsdp2
+#   layers (2/4)  | pp2_tp2_fsdp2                       | pp2_1f1b, fsdp2_tp2
 LAYOUTS = {
-    "fsdp2": (2, 2, ["--parallelism.dp_shard", "2"]),
-    "hsdp2x2": (4, 4, ["--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "2"]),
-    "tp2": (2, 1, ["--parallelism.tp", "2", "--parallelism.dp_shard", "1"]),
-    # Compiled blocks under TP with the trainer's default backend (inductor): the first block's input
-    # came from the embedding's reduce-scatter still in flight, which crashed the second block.
-    "tp2_compiled": (2, 1, ["--parallelism.tp", "2", "--parallelism.dp_shard", "1", "--compile.enabled", "true"]),
-    "pp2_1f1b": (2, 1, ["--parallelism.pp", "2", "--parallelism.dp_shard", "1"]),
+    "fsdp2": (2, 2, ["--parallelism.dp_shard", "2", *OFF, *ac("none")]),
+    "fsdp2_compiled": (2, 2, ["--parallelism.dp_shard", "2", *ON, *ac("selective")]),
+    "hsdp2x2": (4, 4, ["--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "2", *ON, *ac("full")]),
+    "tp2": (2, 1, ["--parallelism.tp", "2", "--parallelism.dp_shard", "1", *OFF, *ac("selective")]),
+    # Compiled blocks under TP: the first block's input came from the embedding's reduce-scatter still
+    # in flight, which crashed the second block; a whole-block checkpoint traced inside the compiled
+    # block crashed AOTAutograd (see parallel/__init__.py).
+    "tp2_compiled": (2, 1, ["--parallelism.tp", "2", "--parallelism.dp_shard", "1", *ON, *ac("none")]),
+    "tp2_compiled_full": (2, 1, ["--parallelism.tp", "2", "--parallelism.dp_shard", "1", *ON, *ac("full")]),
+    "pp2_1f1b": (2, 1, ["--parallelism.pp", "2", "--parallelism.dp_shard", "1", *ON, *ac("layers")]),
     "pp2_interleaved": (2, 1, ["--parallelism.pp", "2", "--parallelism.dp_shard", "1",
-                               "--parallelism.pp_schedule", "interleaved_1f1b"]),
+                               "--parallelism.pp_schedule", "interleaved_1f1b", *OFF, *ac("selective")]),
     "pp2_zero_bubble": (2, 1, ["--parallelism.pp", "2", "--parallelism.dp_shard", "1",
-                               "--parallelism.pp_schedule", "interleaved_zb"]),
-    "fsdp2_tp2": (4, 2, ["--parallelism.tp", "2", "--parallelism.dp_shard", "2"]),
-    "pp2_fsdp2": (4, 2, ["--parallelism.pp", "2", "--parallelism.dp_shard", "2"]),
-    "pp2_tp2_fsdp2": (8, 2, ["--parallelism.pp", "2", "--parallelism.tp", "2", "--parallelism.dp_shard", "2"]),
+                               "--parallelism.pp_schedule", "interleaved_zb", *OFF, *ac("full")]),
+    "fsdp2_tp2": (4, 2, ["--parallelism.tp", "2", "--parallelism.dp_shard", "2", *ON, *ac("layers")]),
+    "pp2_fsdp2": (4, 2, ["--parallelism.pp", "2", "--parallelism.dp_shard", "2", *OFF, *ac("none")]),
+    # Two pipeline steps per optimizer step: FSDP reduces once, in the last (tests/test_pp.py counts it).
+    # One sample per pipeline step: gpipe (1F1B needs a microbatch per stage).
+    "pp2_gpipe_fsdp2_accum2": (4, 4, ["--parallelism.pp", "2", "--parallelism.dp_shard", "2",
+                                      "--parallelism.pp_schedule", "gpipe", "--training.grad_accum_steps", "2",
+                                      "--training.val_batches", "2", *OFF, *ac("none")]),  # the same 4 samples
+    "pp2_tp2_fsdp2": (8, 2, ["--parallelism.pp", "2", "--parallelism.tp", "2", "--parallelism.dp_shard", "2",
+                             *OFF, *ac("layers")]),
     # Context parallel: each rank holds a load-balanced half of every sequence; FSDP over dp_shard x cp.
-    "cp2_fsdp2": (4, 2, ["--parallelism.cp", "2", "--parallelism.dp_shard", "2"]),
-    "pp2_cp2": (4, 1, ["--parallelism.pp", "2", "--parallelism.cp", "2", "--parallelism.dp_shard", "1"]),
+    "cp2_fsdp2": (4, 2, ["--parallelism.cp", "2", "--parallelism.dp_shard", "2", *ON, *ac("full")]),
+    "cp2_ring": (2, 1, ["--parallelism.cp", "2", "--parallelism.dp_shard", "1", "--parallelism.cp_rotate", "ring",
+                        *ON, *ac("selective")]),
+    "pp2_cp2": (4, 1, ["--parallelism.pp", "2", "--parallelism.cp", "2", "--parallelism.dp_shard", "1",
+                       *OFF, *ac("selective")]),
 }
 
 
@@ -88,7 +117,7 @@ def test_layout_matches_the_single_process_run_and_resumes(tmp_path, single, nam
 # model and optimizer; the loader's global sample position re-shards the data over the new
 # data-parallel ranks): steps 3 and 4 must be the single-process run's.
 RESHARDED = {
-    "fsdp2_tp2": LAYOUTS["fsdp2_tp2"],
+    "fsdp2_tp2": (4, 2, ["--parallelism.tp", "2", "--parallelism.dp_shard", "2"]),
     "pp2_fsdp2_interleaved": (4, 2, ["--parallelism.pp", "2", "--parallelism.dp_shard", "2",
                                      "--parallelism.pp_schedule", "interleaved_1f1b"]),
 }

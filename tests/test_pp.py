@@ -127,3 +127,14 @@ def test_every_schedule_matches_a_single_process_model():
     """
     proc = torchrun(2, WORKERS / "pp_schedules.py", timeout=300)
     assert "PP OK 7 cases" in proc.stdout
+
+
+def test_gradient_accumulation_under_pp_and_fsdp_gathers_and_reduces_once_per_optimizer_step():
+    import json
+
+    proc = torchrun(4, WORKERS / "pp_accumulation.py", timeout=300)
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("COUNTS "))
+    result = json.loads(line.removeprefix("COUNTS "))
+    one, two = result["one_pipeline_step"], result["two_accumulation_steps"]
+    assert one and any("reduce_scatter" in op for op in one), one  # FSDP's collectives were seen
+    assert two == one

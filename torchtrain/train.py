@@ -302,12 +302,14 @@ def train_step(parts: ModelParts, optimizer: torch.optim.Optimizer, microbatches
     num_valid = sum(valid_tokens(b) for b in microbatches).float()
     dist.all_reduce(num_valid, group=loss_group)
     total = torch.zeros((), device=num_valid.device)
-    for batch in microbatches:
+    for i, batch in enumerate(microbatches):
         with autocast:
             if parts.pipeline is not None:
                 # The schedule runs forward and backward of its own microbatches; only the ranks
-                # holding the last stage see the loss (others get None).
-                loss_sum = parts.pipeline.step(batch.tokens, batch.labels, num_valid, **attention_inputs(batch, config))
+                # holding the last stage see the loss (others get None). FSDP reduces the gradients
+                # of all accumulation steps once, in the last.
+                loss_sum = parts.pipeline.step(batch.tokens, batch.labels, num_valid, **attention_inputs(batch, config),
+                                               reduce_gradients=i == len(microbatches) - 1)
             else:
                 # With labels the model returns the summed token loss, computed chunk by chunk so the
                 # [tokens x vocab] logits and their gradient never exist at once.

@@ -34,11 +34,22 @@ def parallelize(model: nn.Module, config: Config, mesh: Meshes, dims: ParallelDi
     if dims.cp > 1:
         apply_cp(model, mesh["cp"], config.parallelism.cp_rotate)
     ac = config.activation_checkpoint
-    apply_activation_checkpointing(model, ac.mode, ac.num_layers, ac.offload)
+    # NOTE: checkpointing goes inside the compiled block (the compiled region is the checkpointed
+    # block), except whole-block checkpoints (full, layers) under tensor parallelism: traced inside,
+    # their recomputation needs the DeviceMesh, which AOTAutograd files among the tensors saved for
+    # the backward (AssertionError "expected all tensors_saved_with_vc_check to be Tensors", torch
+    # 2.13, inductor and aot_eager alike). Those wrap the compiled block instead, an eager checkpoint
+    # re-running the compiled forward. That order is no general fix: without TP (FSDP, HSDP, PP) the
+    # recomputation then saved fewer tensors than the forward (CheckpointError, 20 against 24).
+    checkpoint_outside = config.compile.enabled and dims.tp > 1 and ac.mode in ("full", "layers")
+    if not checkpoint_outside:
+        apply_activation_checkpointing(model, ac.mode, ac.num_layers, ac.offload)
     if config.compile.enabled:
         # Fusing q/k/v (gate/up) into one GEMM needs plain weights: not under TP, nor float8's own matmuls.
         apply_compile(model, config.compile.backend, device,
                       fuse_projections=dims.tp == 1 and not config.float8.enabled)
+    if checkpoint_outside:
+        apply_activation_checkpointing(model, ac.mode, ac.num_layers, ac.offload)
     if dims.dp_cp > 1 or config.parallelism.fsdp_cpu_offload:
         # NOTE: over dp_shard x cp (see Meshes.fsdp): the cp ranks' gradients are summed by FSDP.
         apply_fsdp(model, mesh.fsdp, param_dtype,

@@ -135,8 +135,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int 
     checkpoints exactly the blocks the whole model would under ``"layers"``. The wrappers keep
     state-dict names unchanged (``named_parameters`` shows ``_checkpoint_wrapped_module.``).
 
-    NOTE: applied before torch.compile so the compiled region is the checkpointed block, and before
-    FSDP so that recomputation re-gathers parameters through FSDP's hooks like the first forward.
+    NOTE: applied before FSDP so that recomputation re-gathers parameters through FSDP's hooks like
+    the first forward, and before torch.compile so the compiled region is the checkpointed block,
+    except for whole-block checkpoints under tensor parallelism (see ``parallelize``).
     """
     if mode not in MODES:
         raise ValueError(f"activation_checkpoint.mode = {mode!r} is invalid; valid choices: {', '.join(MODES)}")

@@ -361,6 +361,10 @@ def _scaled_loss(output: Tensor, target: Tensor, *, divisor: Union[Tensor, float
     return output / divisor
 
 
+def _reduction_left_to_a_later_step(grad_scale_factor: int) -> None:
+    """Stands in for ``PipelineStage.perform_reduce_grad`` (see :meth:`Pipeline._gradients_kept_unreduced`)."""
+
+
 def _skip_action(action, ctx) -> None:
     """Skip a backward or gradient-reduction action of the schedule (see :meth:`Pipeline._forward_only`).
 
@@ -382,15 +386,39 @@ class Pipeline:
     has_last_stage: bool
 
     def step(self, tokens: Tensor, labels: Tensor, loss_divisor: Union[Tensor, float],
-             positions: Optional[Tensor] = None, document_ids: Optional[Tensor] = None) -> Optional[Tensor]:
+             positions: Optional[Tensor] = None, document_ids: Optional[Tensor] = None,
+             reduce_gradients: bool = True) -> Optional[Tensor]:
         """Forward and backward of one batch through the pipeline; gradients accumulate into ``.grad``.
 
         Every pipeline rank passes the same batch (``tokens`` is read by the first stage only,
         ``labels`` by the last). The gradient is that of ``sum of token losses / loss_divisor``,
         which may differ every step. Returns the undivided summed loss (a detached fp32 scalar)
-        on the rank holding the last stage, else ``None``.
+        on the rank holding the last stage, else ``None``. ``reduce_gradients=False`` (every
+        accumulation step of an optimizer step but the last) leaves FSDP's gradients unreduced and
+        its parameters gathered, to be reduced once by the step that reduces.
         """
-        return self._run(self.schedule.step, tokens, labels, loss_divisor, positions, document_ids)
+        with contextlib.nullcontext() if reduce_gradients else self._gradients_kept_unreduced():
+            return self._run(self.schedule.step, tokens, labels, loss_divisor, positions, document_ids)
+
+    @contextlib.contextmanager
+    def _gradients_kept_unreduced(self):
+        """Make this step's schedule skip FSDP's gradient reduction.
+
+        NOTE: every schedule of the installed torch ends a step with ``PipelineStage.perform_reduce_grad``
+        (single-stage schedules call it, the others through their REDUCE_GRAD action): FSDP's
+        reduce-scatter of what the step's microbatches accumulated, then resharding. The stages'
+        backwards run with FSDP's gradient sync off, so with that call shadowed for the step the
+        gradients stay unsharded and keep accumulating, and the parameters stay gathered: an
+        optimizer step of several pipeline steps gathers and reduces once, as without a pipeline
+        (it gathered and reduced once per pipeline step before).
+        """
+        for stage in self.stages:
+            stage.perform_reduce_grad = _reduction_left_to_a_later_step
+        try:
+            yield
+        finally:
+            for stage in self.stages:
+                del stage.perform_reduce_grad
 
     @torch.no_grad()
     def eval_step(self, tokens: Tensor, labels: Tensor, positions: Optional[Tensor] = None,

@@ -104,7 +104,8 @@ def estimate(args: ModelArgs, layout: Layout, seq_len: int, gpu: Device, efficie
     tp_seconds = comm_seconds({"all-gather": tp_bytes * recompute / 2, "reduce-scatter": tp_bytes * recompute / 2},
                               group_crosses_nodes(1, layout.tp), gpu)
     gathers = 1 if layout.pp > 1 or layout.reshard == "never" else 2
-    share = (layout.dp_shard - 1) / layout.dp_shard * (layout.grad_accum if layout.pp > 1 else microbatches)
+    # Under pipelining FSDP gathers and reduces once per optimizer step; otherwise once per microbatch.
+    share = (layout.dp_shard - 1) / layout.dp_shard * (1 if layout.pp > 1 else microbatches)
     fsdp_bytes = {"all-gather": gathers * BF16 * local_params * share, "reduce-scatter": FP32 * local_params * share}
     fsdp_seconds = comm_seconds(fsdp_bytes, group_crosses_nodes(layout.tp * layout.cp, layout.dp_shard), gpu)
     fsdp_seconds += comm_seconds({"all-reduce": 2 * FP32 * sharded}, True, gpu) if layout.dp_replicate > 1 else 0.0

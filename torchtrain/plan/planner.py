@@ -186,10 +186,10 @@ def role_plan(measure: RankMeasure, config: Config, model_args: ModelArgs, dims:
     comm: dict[str, CommVolume] = {}
     for stage in measure.stages:
         _add(comm, stage.comm_per_microbatch, per_step)
-        _add(comm, stage.comm_per_pipeline_step, accum)
-    # The update's collectives (gradient norm) happen once; under pipelining, FSDP's deferred reduction
-    # (measured in the same phase) happens once per pipeline step.
-    _add(comm, measure.comm_per_step, accum if dims.pp > 1 else 1)
+        _add(comm, stage.comm_per_pipeline_step, 1)
+    # The update's collectives (gradient norm) happen once; so does, under pipelining, FSDP's deferred
+    # gathering and reduction (measured in the same phase), however many pipeline steps accumulate.
+    _add(comm, measure.comm_per_step, 1)
     if dims.pp > 1:
         comm["pp"] = pipeline_sends(measure, config, model_args, dims, target, per_step)
     return RolePlan(measure.pp_rank, measure.rank, " + ".join(s.description for s in measure.stages),
