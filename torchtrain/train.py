@@ -32,7 +32,7 @@ from torchtrain.models import ModelArgs, Transformer
 from torchtrain.models.shape import model_args_for
 from torchtrain.loss import IGNORE_INDEX
 from torchtrain.optim import LRSchedule, build_optimizer, step_unless_non_finite
-from torchtrain.parallel import ParallelDims, build_mesh, init_distributed, parallelize
+from torchtrain.parallel import ParallelDims, build_mesh, init_distributed, parallelize, settle_gradients
 from torchtrain.parallel.float8 import after_optimizer_step
 from torchtrain.profiling import StepProfiler
 from torchtrain.parallel.cp import batch_sharder
@@ -356,9 +356,12 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float,
                    pipeline_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Total gradient norm over all ranks (as one process would compute it), clipped to ``max_norm``.
 
-    Sharded (DTensor) gradients reduce their partial norms over the mesh they live on; pipeline
-    stages hold disjoint parameters, so their squared norms are summed over ``pipeline_group``.
+    Sharded (DTensor) gradients first take their parameters' placements (``settle_gradients``: this is
+    the first reader of the step's finished gradients), then reduce their partial norms over the mesh
+    they live on; pipeline stages hold disjoint parameters, so their squared norms are summed over
+    ``pipeline_group``.
     """
+    settle_gradients(params)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
     if isinstance(norm, DTensor):  # sharded gradients: the partial norms are reduced here
         norm = norm.full_tensor()

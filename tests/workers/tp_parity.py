@@ -34,7 +34,7 @@ from torchtrain.loss import IGNORE_INDEX, linear_cross_entropy_sum
 from torchtrain.models import Transformer, get_model_args
 from torchtrain.parallel.ac import apply_activation_checkpointing
 from torchtrain.parallel.compile import apply_compile
-from torchtrain.parallel.tp import apply_tp
+from torchtrain.parallel.tp import apply_tp, settle_gradients
 
 WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 # NOTE: aot_eager runs what meets DTensor under torch.compile (dynamo's fullgraph trace through the TP
@@ -223,10 +223,23 @@ def check_model(mesh, case: str, report: bool = True) -> None:
     for name, grad in grads.items():
         close(grad.full_tensor(), ref_params[name].grad, f"{case}: grad {name}", 1e-5)
     if case in ("eager", "fsdp"):
-        # What the trainer does next: the global gradient norm, clipping and an optimizer step give the
-        # single-process values, whatever the gradients' layouts (without FSDP the RMSNorm gains' are
-        # Partial and the embedding's Replicate; FSDP lays them out like the parameters).
-        for m, params in ((reference, list(reference.parameters())), (model, list(model.parameters()))):
+        # What the trainer does next. The gradients take their parameters' layouts: without FSDP the
+        # RMSNorm gains' come out Partial (summed by one all-reduce for the whole model) and the
+        # embedding's Replicate (cut locally); FSDP lays them out like the parameters itself.
+        params = list(model.parameters())
+        unsettled = {clean(name) for name, p in model.named_parameters() if p.grad.placements != p.placements}
+        if case == "eager":
+            assert unsettled == {n for n in ref_params if n.endswith("norm.weight")} | {"tok_embeddings.weight"}, \
+                unsettled
+        with CommDebugMode() as comms:
+            settle_gradients(params)
+        reduced = sum(n for op, n in comms.get_comm_counts().items() if "all_reduce" in str(op) or "allreduce" in str(op))
+        assert reduced == (1 if unsettled else 0), comms.get_comm_counts()
+        for name, p in model.named_parameters():
+            assert p.grad.placements == p.placements, (name, p.grad.placements)
+            close(p.grad.full_tensor(), ref_params[clean(name)].grad, f"{case}: settled grad {name}", 1e-5)
+        # Then the global gradient norm, clipping and an optimizer step give the single-process values.
+        for m, params in ((reference, list(reference.parameters())), (model, params)):
             norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
             norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
             torch.nn.utils.clip_grads_with_norm_(params, 1.0, norm, foreach=True)

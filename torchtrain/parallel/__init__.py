@@ -12,9 +12,10 @@ from torchtrain.parallel.cp import apply_cp
 from torchtrain.parallel.float8 import apply_float8
 from torchtrain.parallel.fsdp import apply_fsdp
 from torchtrain.parallel.mesh import Meshes, ParallelDims, build_mesh, check_layout, init_distributed
-from torchtrain.parallel.tp import apply_tp
+from torchtrain.parallel.tp import apply_tp, settle_gradients
 
-__all__ = ["Meshes", "ParallelDims", "build_mesh", "check_layout", "init_distributed", "parallelize"]
+__all__ = ["Meshes", "ParallelDims", "build_mesh", "check_layout", "init_distributed", "parallelize",
+           "settle_gradients"]
 
 
 def parallelize(model: nn.Module, config: Config, mesh: Meshes, dims: ParallelDims,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -145,6 +145,36 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
                          "add their modules to the plan")
     logger.info("tensor parallel: tp=%d, sequence parallel, vocabulary-parallel output and loss "
                 "(%s, %d blocks)", tp, ", ".join(root_plan) or "no root modules", len(model.layers))
+
+
+def settle_gradients(params: list[torch.Tensor]) -> None:
+    """Give every DTensor gradient its parameter's placements (once per step, before anything reads them).
+
+    NOTE: FSDP does this in its reduction; without FSDP, torch's sharding rules leave two kinds of
+    tensor-parallel gradients laid out otherwise than their parameters. A norm's weight gradient
+    (sequence parallel: each tp rank's sum over its own tokens) is ``Partial``, and every op reading
+    it (the gradient norm, each of AdamW's) would all-reduce it again; the vocabulary-sharded
+    embedding's is ``Replicate``, the whole table's gradient on every rank (DTensor's embedding
+    backward has no vocabulary-sharded rule). The Partial ones are summed in one all-reduce of a
+    flat buffer per mesh; a Replicate one is cut to the rank's shard, locally.
+    """
+    partial: dict[DeviceMesh, list[torch.Tensor]] = {}
+    for p in params:
+        grad = p.grad
+        if not isinstance(grad, DTensor) or grad.placements == p.placements:
+            continue
+        summed = [isinstance(g, Partial) and g.reduce_op == "sum" and isinstance(q, Replicate)
+                  for g, q in zip(grad.placements, p.placements)]
+        if grad.device_mesh.ndim == 1 and summed[0]:
+            partial.setdefault(grad.device_mesh, []).append(p)
+        else:
+            p.grad = grad.redistribute(p.device_mesh, p.placements)
+    for mesh, group in partial.items():
+        locals_ = [p.grad.to_local() for p in group]
+        flat = torch.cat([t.reshape(-1) for t in locals_])
+        torch.distributed.all_reduce(flat, group=mesh.get_group())
+        for p, local, piece in zip(group, locals_, flat.split([t.numel() for t in locals_])):
+            p.grad = DTensor.from_local(piece.view_as(local), mesh, p.placements, run_check=False)
 
 
 def _wait_for_local_shard(module: nn.Module, inputs, out: DTensor) -> DTensor:
