@@ -111,7 +111,7 @@ def test_a_recipe_layout_key_does_not_leak_into_candidates():
 ], ids=["1f1b_layers", "interleaved"])
 def test_middle_pipeline_ranks_measured_once_plan_as_if_each_were_measured(pp, extra):
     # Ranks whose stages hold alike blocks share one measurement (planner.measure_pipeline_ranks); each must
-    # plan exactly as its own measurement would, and a middle rank holds more receive buffers than the first.
+    # plan exactly as its own measurement would.
     config = planning_config(load_config(REPO / "recipes/debug.toml", [
         "--model.name", "debug_30m", "--training.seq_len", "128", "--training.local_batch_size", "8",
         "--parallelism.pp", str(pp), "--parallelism.dp_shard", "1", *extra]))
@@ -123,5 +123,3 @@ def test_middle_pipeline_ranks_measured_once_plan_as_if_each_were_measured(pp, e
                         plan.dims, Target())
         assert (role.stages, role.peak_bytes, role.breakdown, role.flops_per_step, role.num_params) == (
             own.stages, own.peak_bytes, own.breakdown, own.flops_per_step, own.num_params)
-    first, middle = plan.roles[0].breakdown, plan.roles[1].breakdown
-    assert middle["pipeline buffers"] > first["pipeline buffers"]

@@ -116,8 +116,6 @@ def _build_and_step(overrides: list[str]) -> dict:
     # The first step is not measured: from the second on AdamW's moments exist through the forward and backward.
     train_step(parts, optimizer, batches, config, mesh.dp_cp.get_group(), contextlib.nullcontext())
     tracker = model_state_tracker(parts, optimizer)
-    for buffer in pipeline_receive_buffers(parts.pipeline):
-        tracker.track(buffer, "communication buffers")
     for _ in range(MEASURED_STEPS):
         drain_collectives()
         with record_function(MEASURED_STEP), tracker:
@@ -136,20 +134,6 @@ def drain_collectives() -> None:
     dist.barrier()
     gc.collect()
     time.sleep(0.2)
-
-
-def pipeline_receive_buffers(pipeline):
-    """The receive buffers torch's PipelineStage allocated in the first step and keeps: one per
-    microbatch for the activation received from the previous stage, and one per microbatch for the
-    gradient received from the next. They are memory the rank holds in every later step, but were
-    created before the tracker started, so they are handed to it explicitly."""
-    if pipeline is None:
-        return
-    for stage in pipeline.stages:
-        for infos in (*stage.args_recv_info.values(), *stage.grad_recv_info.values()):
-            for info in infos:
-                if info.buffer is not None:
-                    yield info.buffer
 
 
 def main() -> None:

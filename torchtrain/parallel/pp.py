@@ -47,6 +47,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
     ScheduleZBVZeroBubble,
 )
+from torch.distributed.pipelining._utils import _make_tensor_from_meta
 from torch.distributed.pipelining.schedules import (
     BACKWARD_INPUT,
     BACKWARD_WEIGHT,
@@ -481,6 +482,65 @@ class Pipeline:
         return torch.stack(sums[-self.num_microbatches:]).sum()
 
 
+class InFlightBuffersStage(PipelineStage):
+    """A ``PipelineStage`` that holds a microbatch's receive buffers only while the microbatch is in flight.
+
+    NOTE: torch's stage allocates, on its first step, a receive buffer per microbatch of the step for
+    the activation from the previous stage (``args_recv_info``) and one for the gradient from the next
+    (``grad_recv_info``), and keeps them for good; a received activation is an autograd leaf, so its
+    gradient stays too, until the next step. That is 3 x microbatches hidden-state shards per stage,
+    growing with the step's microbatch count instead of the schedule's bound (Megatron allocates per
+    microbatch in flight): 16 GiB per buffer kind for Llama-2-70B at 32k, TP 8, 256 microbatches.
+    Here a buffer is made just before its receive is posted and the stage's reference to it dropped
+    once the microbatch's backward is done (autograd keeps what its saved tensors need), so the
+    stage holds the receive buffers of the microbatches between forward and backward only.
+    ``_retrieve_recv_activations`` and the gradient retrieval read the same ``_RecvInfo.buffer`` the
+    receive filled; local hand-overs between two stages of one rank set it themselves.
+    """
+
+    def _prepare_forward_infra(self, *args, **kwargs):
+        meta = super()._prepare_forward_infra(*args, **kwargs)
+        for infos in self.args_recv_info.values():
+            _drop_buffers(infos)
+        return meta
+
+    def _prepare_backward_infra(self, *args, **kwargs):
+        meta = super()._prepare_backward_infra(*args, **kwargs)
+        for infos in self.grad_recv_info.values():
+            _drop_buffers(infos)
+        return meta
+
+    def get_fwd_recv_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
+        self._allocate(self.args_recv_info[fwd_chunk_id])
+        return super().get_fwd_recv_ops(fwd_chunk_id)
+
+    def get_bwd_recv_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
+        self._allocate(self.grad_recv_info[bwd_chunk_id])
+        return super().get_bwd_recv_ops(bwd_chunk_id)
+
+    def backward_one_chunk(self, bwd_chunk_id: int, loss=None, *args, **kwargs):
+        result = super().backward_one_chunk(bwd_chunk_id, loss, *args, **kwargs)
+        _drop_buffers(self.args_recv_info.get(bwd_chunk_id, ()))
+        _drop_buffers(self.grad_recv_info.get(bwd_chunk_id, ()))
+        if loss is not None:
+            # NOTE: the schedule keeps every microbatch's loss until the step ends; through the graph's
+            # AccumulateGrad node it kept the microbatch's received activation alive (one hidden-state
+            # shard per microbatch on the last stage, measured). Cut off from its graph, it keeps nothing.
+            loss.detach_()
+        return result
+
+    def _allocate(self, infos) -> None:
+        for info in infos:
+            if not info.is_root_arg and info.buffer is None and info.tensor_meta is not None:
+                info.buffer = _make_tensor_from_meta(info.tensor_meta, self.device)
+
+
+def _drop_buffers(infos) -> None:
+    for info in infos:
+        if not info.is_root_arg:
+            info.buffer = None
+
+
 def build_pipeline(stage_modules: list[nn.Module], stage_ids: list[int], num_stages: int,
                    pp_group: Union[dist.ProcessGroup, DeviceMesh], device: torch.device, schedule_name: str,
                    num_microbatches: int) -> Pipeline:
@@ -515,7 +575,7 @@ def build_pipeline(stage_modules: list[nn.Module], stage_ids: list[int], num_sta
                          "torch does not support for compiled blocks; set compile.enabled=false or use "
                          "1f1b / interleaved_1f1b")
     order = sorted(range(len(stage_ids)), key=lambda k: stage_ids[k])
-    stages = [PipelineStage(stage_modules[k], stage_ids[k], num_stages, device, group=group) for k in order]
+    stages = [InFlightBuffersStage(stage_modules[k], stage_ids[k], num_stages, device, group=group) for k in order]
     schedule_cls = SCHEDULES[schedule_name]
     common = dict(n_microbatches=num_microbatches, loss_fn=_scaled_loss, scale_grads=False)
     if schedule_name in _SINGLE_STAGE:

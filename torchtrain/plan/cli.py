@@ -23,7 +23,7 @@ from torchtrain.parallel import ParallelDims
 from torchtrain.parallel.mesh import MESH_DIMS
 from torchtrain.parallel.pp import pipeline_settings
 from torchtrain.plan.layout import check_recipe, world_size_of
-from torchtrain.plan.planner import IN_FLIGHT, PIPELINE_BUFFERS, Plan, plan_layout
+from torchtrain.plan.planner import IN_FLIGHT, Plan, plan_layout
 from torchtrain.plan.timing import DEFAULT_EFFICIENCY, GPUS, gpu_named
 
 GIB = 2**30
@@ -123,7 +123,7 @@ def format_role(role, plan: Plan) -> str:
     names = {"parameters": "params", "gathered parameters": "gathered", "cast parameters": "casts",
              "gradients": "grads",
              "optimizer state": "optim", "activations": "acts", "temporaries": "temps",
-             "communication buffers": "comm bufs", IN_FLIGHT: "in-flight acts", PIPELINE_BUFFERS: "pipeline bufs"}
+             "communication buffers": "comm bufs", IN_FLIGHT: "in-flight acts"}
     parts = " | ".join(f"{names.get(k, k)} {v / GIB:.2f}" for k, v in role.breakdown.items() if v)
     model_share = plan.flops_per_token * plan.tokens_per_step_per_gpu
     traffic = ", ".join(f"{dim} {v.total_wire_bytes / 1e9:.2f} GB ({', '.join(f'{n} {k}' for k, n in v.calls.items() if n)})"

@@ -86,10 +86,6 @@ def estimate(args: ModelArgs, layout: Layout, seq_len: int, gpu: Device, efficie
         most = peak_in_flight(backward_events(layout.schedule, layout.pp, 0, ids, layout.num_microbatches))
         in_flight = sum(most.values()) / layout.stages_per_rank
     memory += per_block * blocks * in_flight
-    if layout.pp > 1:
-        # torch's PipelineStage keeps, per stage and per microbatch, an activation receive buffer
-        # with its gradient and a gradient receive buffer (see planner.pipeline_buffer_bytes).
-        memory += 3 * layout.num_microbatches * layout.stages_per_rank * BF16 * tokens * args.dim / layout.tp
     # The backward of one block (its recomputed or saved activations and their gradients), and the
     # chunked loss (its fp32 weight gradient and a chunk of logits about the hidden states' size).
     memory += 2 * activation_bytes_per_token(args, layout.tp, "none") * tokens

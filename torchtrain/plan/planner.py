@@ -36,8 +36,7 @@ from torchtrain.plan.schedule import backward_events, peak_in_flight
 from torchtrain.plan.timing import (Device, StepTime, bubble_fraction, comm_seconds, group_crosses_nodes,
                                     step_time)
 
-IN_FLIGHT = "other microbatches in flight"  # the breakdown's pipeline parts
-PIPELINE_BUFFERS = "pipeline buffers"
+IN_FLIGHT = "other microbatches in flight"  # the breakdown's pipeline part
 # The groups FSDP (and HSDP) communicate over; their traffic overlaps the compute (see timing.py).
 FSDP_DIMS = ("dp_replicate", "dp_shard", "dp_shard_cp")
 
@@ -110,7 +109,7 @@ def plan_layout(config: Config, model_args: ModelArgs, world_size: int, gpu: Dev
     Every pipeline rank is planned; ranks whose stages hold alike blocks are measured once
     (:func:`measure_pipeline_ranks`). ``ends_only``: plan the first and last pipeline ranks only (the
     first keeps the most microbatches in flight, the last holds the output layer, but a middle rank
-    holds the most receive buffers, so this can miss the peak). ``exact``: trace every block instead
+    can hold more blocks, or, interleaved, a heavier pair of stages, so this can miss the peak). ``exact``: trace every block instead
     of a few per stage (:mod:`torchtrain.plan.depth`).
     """
     dims = check_run(config, model_args, world_size, torch.device(target.device_type))
@@ -210,9 +209,11 @@ def predicted_peak(measure: RankMeasure, config: Config, model_args: ModelArgs, 
     scheduled = max(_backward_peaks(measure, events))
     breakdown[IN_FLIGHT] = max(0, scheduled - peak)
     peak = max(peak, scheduled)
-    buffers = pipeline_buffer_bytes(measure, config, model_args, dims, target)
-    breakdown[PIPELINE_BUFFERS] = buffers
-    return peak + buffers, breakdown, peak_in_flight(events)
+    # NOTE: the stages hold a microbatch's receive buffers only while it is in flight
+    # (parallel/pp.py: InFlightBuffersStage): a received activation is the stage's input, which the
+    # forward saves (activations in flight), and the gradient buffers live within one backward (the
+    # measured one-microbatch peak has them): nothing grows with the step's microbatch count.
+    return peak, breakdown, peak_in_flight(events)
 
 
 def _backward_peaks(measure: RankMeasure, events: list) -> list[int]:
@@ -229,29 +230,6 @@ def _backward_peaks(measure: RankMeasure, events: list) -> list[int]:
         peaks.append(one - stage.activation_bytes
                      + sum(count * stages[s].activation_bytes for s, count in event.in_flight.items()))
     return peaks
-
-
-def pipeline_buffer_bytes(measure: RankMeasure, config: Config, model_args: ModelArgs, dims: ParallelDims,
-                          target: Target) -> int:
-    """What torch's ``PipelineStage`` holds for the whole step, outside the stage's own forward/backward.
-
-    NOTE: read from torch/distributed/pipelining/stage.py: on its first step a stage allocates one
-    receive buffer *per microbatch* for the activation from the previous stage (``args_recv_info``)
-    and one per microbatch for the gradient from the next (``grad_recv_info``), and keeps them for
-    every later step; the received activations are leaves, so their gradients (``buffer.grad``)
-    also stay alive until the next step's ``clear_runtime_states``. Each is one hidden-state shard
-    ``[B, S / (tp * cp), dim]``. At large microbatch counts this is gigabytes (it is why the
-    measured pipeline ranks of tests/test_plan.py hold more than one microbatch's worth).
-    """
-    pipe = pipeline_settings(config, dims.pp)
-    shard = hidden_shard_bytes(config, model_args, dims, target)
-    count = 0
-    for stage in measure.stages:
-        if stage.stage_id > 0:
-            count += 2  # activation receive buffer + its gradient
-        if stage.stage_id < pipe.num_stages - 1:
-            count += 1  # gradient receive buffer
-    return count * pipe.num_microbatches * shard
 
 
 def hidden_shard_bytes(config: Config, model_args: ModelArgs, dims: ParallelDims, target: Target) -> int:

@@ -221,8 +221,8 @@ def search(config: Config, world_size: int, gpu: Device, efficiency: float, top:
                           f"against {gpu.usable_memory_bytes / 2**30:.0f} GiB usable; use more GPUs or a larger GPU")
     found, failed = [], []
     for candidate in plausible[:max_measured]:
-        # Every pipeline rank is planned (ranks holding alike stages are measured once): middle ranks hold
-        # more of torch's receive buffers than the ends, so the ends alone can call a layout fitting that is not.
+        # Every pipeline rank is planned (ranks holding alike stages are measured once): a middle rank can
+        # peak above the ends (more blocks than the last, more in flight), so the ends alone could miss it.
         try:
             candidate.plan = plan_layout(candidate.config, args, world_size, gpu, efficiency)
         except ConfigError as e:  # the layout passed check_run; kept for the message rather than hidden
