@@ -28,9 +28,7 @@ import torch  # noqa: E402
 
 from torchtrain.config import ConfigError, load_config  # noqa: E402
 from torchtrain.plan.cli import planning_config  # noqa: E402
-from torchtrain.parallel.pp import pipeline_settings  # noqa: E402
-from torchtrain.plan.fake_step import Target  # noqa: E402
-from torchtrain.plan.planner import hidden_shard_bytes, on_gpu, plan_layout  # noqa: E402
+from torchtrain.plan.planner import on_gpu, plan_layout  # noqa: E402
 from torchtrain.plan.search import search  # noqa: E402
 from torchtrain.plan.timing import DEFAULT_EFFICIENCY, GPUS  # noqa: E402
 from torchtrain.models.shape import model_args_for  # noqa: E402
@@ -154,15 +152,9 @@ def plan_candidate(row: str, name: str, ends_only: bool = True) -> dict:
         config = planning_config(load_config(provenance.REPO / recipe, overrides))
         args = model_args_for(config, torch.device("cuda"))
         # NOTE: pipelined candidates plan their first and last ranks only by default, to fit the CPU time
-        # (--search and plan_layout without ends_only plan every rank); the middle ranks' receive buffers
-        # are computed below.
+        # (--search and plan_layout without ends_only plan every rank).
         plan = plan_layout(config, args, gpus, GPU, DEFAULT_EFFICIENCY, ends_only=ends_only)
         out.update(summary(plan))
-        if plan.dims.pp > 1:
-            pipe = pipeline_settings(config, plan.dims.pp)
-            shard = hidden_shard_bytes(config, args, plan.dims, Target())
-            middle = 3 * pipe.num_microbatches * shard * pipe.stages_per_rank  # two middle stages per rank
-            out["middle_rank_pipeline_buffers_gib"] = middle / 2**30
         h100 = on_gpu(plan, GPUS["h100"])  # the step time on H100 from the same measurement (same 80 GiB)
         out["h100_tokens_per_s_per_gpu"], out["h100_mfu"] = h100.tokens_per_second_per_gpu, h100.mfu
     except (ConfigError, ValueError, RuntimeError) as e:
