@@ -3,8 +3,8 @@
     python bench/plan_baselines.py [--rows NAME ...] [--no-search] [--max-measured K]
                                    [--long-context NAME ...] [--out bench/results/plan_baselines.json]
 
-For each row: the planner's plan of the published layout (A100-80GB, same GPUs, same global
-batch, micro batch 1), and the best layout its search finds for the same GPUs and batch (at most
+For each row: the planner's plan of the published layout (``recipes/seed/``: A100-80GB, same GPUs,
+same global batch, micro batch 1), and the best layout its search finds for the same GPUs and batch (at most
 ``--max-measured`` layouts measured per search). Then the long-context candidates
 (:data:`LONG_CONTEXT`): a few layouts per long-context recipe, each planned on A100-80GB and on
 H100 (same memory, different step time). The efficiency constant is the planner's default (an
@@ -34,7 +34,6 @@ from torchtrain.plan.timing import DEFAULT_EFFICIENCY, GPUS  # noqa: E402
 from torchtrain.models.shape import model_args_for  # noqa: E402
 
 GPU = GPUS["a100-80g"]
-MB1 = ["--training.local_batch_size", "1"]
 
 
 def seq_overrides(seq: int) -> list[str]:
@@ -43,38 +42,26 @@ def seq_overrides(seq: int) -> list[str]:
     return ["--training.seq_len", str(seq), "--model.max_seq_len", str(seq)]
 
 
-def fsdp8(recipe: str, seq: int, reshard: str, ac_layers: int) -> tuple:
-    # DeepSpeed ZeRO-1/2 on one node: FSDP over 8 with parameters kept (ZeRO-2); 64 accumulation steps
-    # x 8 GPUs = 512 sequences. "checkpointed layers" -> activation_checkpoint.mode layers/full.
-    ac = ([] if ac_layers == 0 else ["--activation_checkpoint.mode", "full"] if ac_layers < 0
-          else ["--activation_checkpoint.mode", "layers", "--activation_checkpoint.num_layers", str(ac_layers)])
-    return (recipe, 8, seq_overrides(seq) + ["--parallelism.dp_shard", "8", "--training.grad_accum_steps",
-                        "64", "--parallelism.fsdp_reshard_after_forward", reshard] + MB1 + ac)
+def seed(name: str, gpus: int) -> tuple:
+    # The published run's own layout, as shipped in recipes/seed/ (DeepSpeed ZeRO-1/2 on one node:
+    # FSDP over 8 with parameters kept, 64 accumulation steps x 8 GPUs = 512 sequences; Megatron:
+    # its TP/PP/DP sizes, one pipeline step of all the rank's sequences; "checkpointed layers" ->
+    # activation_checkpoint.mode layers/full).
+    return f"recipes/seed/{name}.toml", gpus, []
 
 
-def megatron(seq: int, tp: int, pp: int, dp: int, batch: int, ac: list[str]) -> tuple:
-    per_rank = batch // dp
-    return ("recipes/llama2_70b_2k.toml", tp * pp * dp, [
-        *seq_overrides(seq), "--parallelism.tp", str(tp), "--parallelism.pp", str(pp),
-        "--parallelism.dp_shard", str(dp), "--training.local_batch_size", str(per_rank),
-        "--training.grad_accum_steps", "1", "--parallelism.pp_microbatches", str(per_rank)] + ac)
-
-
-ROWS = {  # name -> (recipe, GPUs, overrides of the published layout), published tokens/s/GPU, memory GB
-    "InternLM-7B 2k": (fsdp8("recipes/internlm_7b_2k.toml", 2048, "never", 0), 4147, 55),
-    "InternLM-7B 4k": (fsdp8("recipes/internlm_7b_2k.toml", 4096, "never", 0), 4248, 69),
-    "InternLM-7B 8k": (fsdp8("recipes/internlm_7b_2k.toml", 8192, "never", 8), 3520, 74),
-    "Qwen-14B 2k": (fsdp8("recipes/qwen_14b_2k.toml", 2048, "never", 8), 1980, 80),
-    "Qwen-14B 4k": (fsdp8("recipes/qwen_14b_2k.toml", 4096, "never", 30), 1842, 80),
-    "Qwen-14B 8k": (fsdp8("recipes/qwen_14b_2k.toml", 8192, "never", -1), 1665, 80),
-    "Llama-2-70B 2k": (megatron(2048, 4, 8, 1, 512, []), 343, 66),
-    "Llama-2-70B 4k": (megatron(4096, 4, 8, 1, 512, []), 380, 80),
-    "Llama-2-70B 8k": (megatron(8192, 4, 8, 8, 1024, ["--activation_checkpoint.mode", "layers",
-                                                      "--activation_checkpoint.num_layers", "24"]), 341, 80),
-    "Llama-2-70B 32k": (megatron(32768, 8, 8, 2, 512, ["--activation_checkpoint.mode", "full",
-                                                       "--parallelism.pp_schedule", "interleaved_1f1b"]), 216, 78),
-    "Llama-2-70B 64k": (megatron(65536, 8, 8, 2, 512, ["--activation_checkpoint.mode", "full",
-                                                       "--parallelism.pp_schedule", "interleaved_1f1b"]), 110, 80),
+ROWS = {  # name -> (recipe, GPUs, overrides), published tokens/s/GPU, memory GB
+    "InternLM-7B 2k": (seed("internlm_7b_2k", 8), 4147, 55),
+    "InternLM-7B 4k": (seed("internlm_7b_4k", 8), 4248, 69),
+    "InternLM-7B 8k": (seed("internlm_7b_8k", 8), 3520, 74),
+    "Qwen-14B 2k": (seed("qwen_14b_2k", 8), 1980, 80),
+    "Qwen-14B 4k": (seed("qwen_14b_4k", 8), 1842, 80),
+    "Qwen-14B 8k": (seed("qwen_14b_8k", 8), 1665, 80),
+    "Llama-2-70B 2k": (seed("llama_2_70b_2k", 32), 343, 66),
+    "Llama-2-70B 4k": (seed("llama_2_70b_4k", 32), 380, 80),
+    "Llama-2-70B 8k": (seed("llama_2_70b_8k", 256), 341, 80),
+    "Llama-2-70B 32k": (seed("llama_2_70b_32k", 128), 216, 78),
+    "Llama-2-70B 64k": (seed("llama_2_70b_64k", 128), 110, 80),
 }
 
 

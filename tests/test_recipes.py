@@ -1,4 +1,4 @@
-"""Every shipped recipe, and the published baseline layouts, build at their real world size.
+"""Every shipped recipe, the published runs' own layouts (recipes/seed/) included, builds at its real world size.
 
 The dry check (``python -m torchtrain.plan --check``, ``torchtrain.plan.check_recipe``) runs the trainer's own mesh, pipeline split, tensor parallel
 and FSDP code for one rank of each pipeline stage under a fake process group, on the meta device.
@@ -11,10 +11,10 @@ import pytest
 from torchtrain.config import ConfigError, load_config
 from torchtrain.plan import check_recipe, world_size_of
 
-RECIPES = sorted(Path(__file__).resolve().parent.parent.glob("recipes/*.toml"))
+RECIPES = sorted(Path(__file__).resolve().parent.parent.glob("recipes/**/*.toml"))
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_recipe_layout_builds_at_its_world_size(recipe):
     config = load_config(recipe)
     world_size = world_size_of(config, None if config.parallelism.dp_shard != -1 else 1)
@@ -23,21 +23,13 @@ def test_recipe_layout_builds_at_its_world_size(recipe):
     assert held > 0 and len(reports) == config.parallelism.pp
 
 
-# The published Megatron layouts for Llama-2-70B (../shared baselines), as recipe overrides.
-BASELINE_LAYOUTS = {
-    "TP4 PP8 (32 GPUs, 2k)": (32, ["--parallelism.tp", "4", "--parallelism.pp", "8", "--parallelism.dp_shard", "1",
-                                   "--training.local_batch_size", "8", "--training.grad_accum_steps", "64"]),
-    "TP8 PP8 DP2 (128 GPUs, interleaved)": (128, [
-        "--parallelism.tp", "8", "--parallelism.pp", "8", "--parallelism.dp_shard", "2",
-        "--parallelism.pp_schedule", "interleaved_1f1b", "--training.local_batch_size", "8"]),
-}
+SEED_PIPELINES = sorted(Path(__file__).resolve().parent.parent.glob("recipes/seed/llama_2_70b_*.toml"))
 
 
-@pytest.mark.parametrize("name", BASELINE_LAYOUTS)
-def test_baseline_layouts_of_llama2_70b_build(name):
-    world_size, overrides = BASELINE_LAYOUTS[name]
-    config = load_config(Path(__file__).resolve().parent.parent / "recipes/llama2_70b_2k.toml", overrides)
-    reports = check_recipe(config, world_size)
+@pytest.mark.parametrize("recipe", SEED_PIPELINES, ids=lambda p: p.stem)
+def test_the_published_megatron_layouts_split_llama2_70b_evenly(recipe):
+    config = load_config(recipe)
+    reports = check_recipe(config, world_size_of(config, None))
     assert len(reports) == 8
     # Every block is on exactly one stage, and the stages hold about the same parameters.
     sizes = [r.num_params for r in reports]
