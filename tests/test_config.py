@@ -156,3 +156,19 @@ def test_shipped_recipes_are_found_by_name_from_any_directory(tmp_path, monkeypa
         load_config("nope.toml")
     with pytest.raises(ConfigError, match=r"recipe 'elsewhere/debug.toml' does not exist"):
         load_config("elsewhere/debug.toml")
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "Infinity"])
+def test_non_finite_numbers_are_refused_from_the_command_line(value):
+    with pytest.raises(ConfigError, match=rf"optimizer.lr = '{value}' is not a valid finite number"):
+        load_config(REPO / "recipes/debug.toml", ["--optimizer.lr", value])
+
+
+def test_non_finite_numbers_are_refused_from_a_recipe(tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text("[optimizer]\nlr = nan\n[training]\nmax_norm = inf\n")
+    with pytest.raises(ConfigError, match=rf"{recipe}: optimizer.lr = nan is not a valid finite number"):
+        load_config(recipe)
+    recipe.write_text("[optimizer]\nbetas = [0.9, nan]\n")
+    with pytest.raises(ConfigError, match=r"optimizer.betas = \[0.9, nan\] is not a valid list of finite number"):
+        load_config(recipe)

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import io
 import json
+import math
 import textwrap
 import tokenize
 import tomllib
@@ -470,7 +471,9 @@ def _convert(value: Any, hint: Any) -> Any:
             raise TypeError
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # NOTE: TOML and JSON both spell nan and inf, and every range check is false for NaN
+        # (``lr <= 0`` let a NaN learning rate through to AdamW).
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise TypeError
         return float(value)
     if hint is str:
@@ -483,7 +486,7 @@ def _convert(value: Any, hint: Any) -> Any:
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is list:
         return f"list of {_type_name(typing.get_args(hint)[0])}"
-    return {bool: "boolean (true/false)", int: "integer", float: "number", str: "string"}.get(hint, str(hint))
+    return {bool: "boolean (true/false)", int: "integer", float: "finite number", str: "string"}.get(hint, str(hint))
 
 
 def _toml_value(value: Any) -> str:
