@@ -428,3 +428,55 @@ def test_build_datasets(tmp_path, corpus_dir, tok, docs):
                                            tokenizer_corpus=str(corpus_dir))
     assert tokenizer2.content_hash == tok.content_hash and np.array_equal(train2.tokens, train.tokens)
     assert os.path.commonpath([tokenizer2.path, tmp_path / "cache"]) == str(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("suffix,compress", [(".gz", "gzip"), (".bz2", "bz2"), (".xz", "lzma")])
+def test_compressed_files_read_as_their_text(tmp_path, suffix, compress):
+    import importlib
+
+    module = importlib.import_module(compress)
+    lines = [json.dumps({"text": f"document {i} \u00e9"}) for i in range(3)]
+    (tmp_path / f"a.jsonl{suffix}").write_bytes(module.compress("\n".join(lines).encode()))
+    (tmp_path / f"b.txt{suffix}").write_bytes(module.compress("one whole document".encode()))
+    assert list(open_corpus(tmp_path / f"a.jsonl{suffix}").documents()) == [f"document {i} \u00e9" for i in range(3)]
+    # a directory takes compressed .jsonl/.txt files too, in sorted order
+    assert list(open_corpus(tmp_path).documents()) == [f"document {i} \u00e9" for i in range(3)] + ["one whole document"]
+
+
+def test_files_that_are_not_text_are_refused_by_name(tmp_path):
+    zst = tmp_path / "data.jsonl.zst"
+    zst.write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 16)
+    with pytest.raises(ValueError, match=r"data.jsonl.zst is zstd-compressed, which \[data\].dataset does not read"):
+        list(open_corpus(zst).documents())
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(b"abc\0\x01\x02")
+    with pytest.raises(ValueError, match=r"weights.txt holds binary data \(a NUL byte"):
+        list(open_corpus(binary).documents())
+    damaged = tmp_path / "cut.jsonl.gz"
+    damaged.write_bytes(gzip_bytes(b'{"text": "a"}\n' * 1000)[:40])
+    with pytest.raises(ValueError, match=r"cut.jsonl.gz could not be read as gzip-compressed text"):
+        list(open_corpus(damaged).documents())
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)
+
+
+def test_text_that_is_not_utf8_is_decoded_with_one_warning_counting_the_replacements(tmp_path, caplog):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9 na\u00efve \ufffd".encode("latin-1", errors="ignore") + "ok \ufffd".encode())
+    with caplog.at_level("WARNING", logger="torchtrain.data.corpus"):
+        (text,) = open_corpus(latin).documents()
+    assert text.startswith("caf\ufffd na\ufffdve") and text.endswith("ok \ufffd")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    # the U+FFFD that was in the file is not counted
+    assert warnings == [f"{latin} is not valid UTF-8: 2 undecodable byte sequences replaced by U+FFFD"]
+    lines = tmp_path / "latin.jsonl"
+    lines.write_bytes(b'{"text": "caf\xe9"}\n{"text": "na\xefve"}\n')
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="torchtrain.data.corpus"):
+        assert list(open_corpus(lines).documents()) == ["caf\ufffd", "na\ufffdve"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{lines} is not valid UTF-8: 2 undecodable byte sequences replaced by U+FFFD"]

@@ -170,3 +170,10 @@ def test_losses_read_from_the_device_only_at_log_steps_are_all_recorded(tmp_path
     every_fourth = run(tmp_path / "fourth", "--checkpoint.enabled", "false", "--training.val_every", "0",
                        "--metrics.log_every", "4")
     assert every_fourth.losses == every_step.losses and every_fourth.grad_norms == every_step.grad_norms
+
+
+def test_an_empty_data_file_is_named_in_one_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=rf"data.dataset = '{empty}': the 'train' split is too short"):
+        run(tmp_path / "out", "--data.dataset", str(empty), "--data.val_fraction", "0", "--training.val_every", "0")

@@ -209,13 +209,16 @@ def build_data(config: Config, model_args: ModelArgs, dp_rank: int, dp_size: int
             f"{model_args.vocab_size} embeddings of model {config.model.name!r}; use a model with a larger vocab_size "
             f"(model.name) or a smaller tokenizer (data.tokenizer / data.vocab_size)"
         )
-    train_loader = TokenLoader(train_stream, config.training.seq_len, config.training.local_batch_size,
-                               dp_rank, dp_size, seed=config.job.seed)
     # Validation reads the same first batches of the held-out split every time, from a fresh loader.
     val_loader = partial(TokenLoader, val_stream, config.training.seq_len, config.training.local_batch_size,
                          dp_rank, dp_size, seed=config.job.seed, shuffle=False, infinite=False)
-    if config.training.val_every:
-        val_loader()  # a split too small for one global batch fails now, not at the first validation
+    try:
+        train_loader = TokenLoader(train_stream, config.training.seq_len, config.training.local_batch_size,
+                                   dp_rank, dp_size, seed=config.job.seed)
+        if config.training.val_every:
+            val_loader()  # a split too small for one global batch fails now, not at the first validation
+    except ValueError as e:  # too little data (an empty file, say): named, no traceback
+        raise ConfigError(f"{config.source}: data.dataset = {config.data.dataset!r}: {e}") from None
     return train_loader, val_loader
 
 

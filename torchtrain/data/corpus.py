@@ -12,6 +12,12 @@ into a :class:`Corpus`:
 - a directory: every ``.txt`` and ``.jsonl`` file below it, recursively, in sorted path order;
 - a glob pattern (``data/**/*.jsonl``): the matching files, sorted.
 
+Each file may be compressed with gzip, bzip2 or xz (``.jsonl.gz``, ``.txt.xz``, ...: read through the
+standard library's decompressors); other compressed or binary files (``.zst``, ``.zip``, ``.parquet``, or
+a NUL byte in the first 8 KiB) are refused by name rather than trained on as bytes. Text that is not
+valid UTF-8 is decoded with U+FFFD in place of the bad bytes and one warning per file saying how many
+(quietly for the embedded corpus, a few of whose test files are deliberately not UTF-8).
+
 Everything derived from a corpus (tokenizer, token shards) is cached under :func:`resolve_cache_dir`
 and keyed by :meth:`Corpus.fingerprint`, a hash of the relative paths, sizes and contents of its files.
 Cache entries are built under :func:`file_lock` and published with an atomic rename, so concurrent
@@ -20,13 +26,16 @@ ranks build an entry once and a killed build never leaves a half-written one beh
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import errno
 import fcntl
 import glob
+import gzip
 import hashlib
 import json
 import logging
+import lzma
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -40,6 +49,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CORPUS = "stdlib"
 DIRECTORY_SUFFIXES = (".txt", ".jsonl")
+DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+# Formats that look like data but are not text this reader can decode: refused by name.
+REFUSED_SUFFIXES = {".zst": "zstd-compressed", ".zstd": "zstd-compressed", ".zip": "a zip archive",
+                    ".tar": "a tar archive", ".7z": "a 7z archive", ".parquet": "Parquet", ".arrow": "Arrow",
+                    ".npy": "a NumPy array", ".bin": "binary", ".pt": "a torch file"}
 # Bump when the meaning of a fingerprint changes (e.g. how files are turned into documents).
 _FINGERPRINT_VERSION = 1
 _GLOB_CHARS = set("*?[")
@@ -52,7 +66,8 @@ def _accepted(spec: str) -> str:
         f'[data].dataset accepts "{DEFAULT_CORPUS}" (the Python standard library\'s own .py sources on this '
         f"machine, the default), a .txt file (one document), a .jsonl file (one document per line, the text "
         f"in the field named by [data].text_field), a directory (all {' and '.join(DIRECTORY_SUFFIXES)} files "
-        f"below it, recursively), or a glob pattern such as 'data/**/*.jsonl'. Relative paths are resolved "
+        f"below it, recursively), or a glob pattern such as 'data/**/*.jsonl'; files may be compressed with "
+        f"gzip, bzip2 or xz (.jsonl.gz, .txt.xz, ...). Relative paths are resolved "
         f"from the current directory ({os.getcwd()})."
     )
 
@@ -80,11 +95,13 @@ class Corpus:
 
     def documents(self) -> Iterator[str]:
         """Yield every document's text, in corpus order (document index = position in this stream)."""
+        quiet = self.spec == DEFAULT_CORPUS
         for path in self.files:
-            if path.suffix == ".jsonl":
-                yield from _jsonl_documents(path, self.text_field)
+            opener, inner = _decompressor(path)
+            if inner == ".jsonl":
+                yield from _jsonl_documents(path, self.text_field, opener, quiet)
             else:
-                yield _read_text(path)
+                yield _read_text(path, opener, quiet)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -155,8 +172,9 @@ def open_corpus(spec: str | os.PathLike = DEFAULT_CORPUS, text_field: str = "tex
         return Corpus(spec, path.parent, (path,), text_field)
     if path.is_dir():
         root = path.resolve()
+        suffixes = tuple(s + c for s in DIRECTORY_SUFFIXES for c in ("", *DECOMPRESSORS))
         files = [Path(d, f) for d, _, names in os.walk(root, followlinks=True) for f in names
-                 if f.endswith(DIRECTORY_SUFFIXES)]
+                 if f.endswith(suffixes)]
         if not files:
             raise FileNotFoundError(
                 f"Dataset directory {spec!r} ({root}) holds no {' or '.join(DIRECTORY_SUFFIXES)} files. "
@@ -173,15 +191,58 @@ def open_corpus(spec: str | os.PathLike = DEFAULT_CORPUS, text_field: str = "tex
                             + _accepted(spec))
 
 
-def _read_text(path: Path) -> str:
-    # A handful of stdlib test files are deliberately not UTF-8; replacing their bad bytes keeps the
-    # corpus deterministic instead of failing the whole run on one file.
-    return path.read_bytes().decode("utf-8", errors="replace")
+def _decompressor(path: Path):
+    """(how to open ``path`` as bytes, the suffix of what it holds): ``a.jsonl.gz`` -> (gzip.open, ".jsonl")."""
+    suffix = path.suffix.lower()
+    if suffix in REFUSED_SUFFIXES:
+        raise ValueError(f"{path} is {REFUSED_SUFFIXES[suffix]}, which [data].dataset does not read: give "
+                         f".txt or .jsonl files, plain or compressed with gzip, bzip2 or xz")
+    if suffix in DECOMPRESSORS:
+        return DECOMPRESSORS[suffix], Path(path.stem).suffix.lower()
+    return open, suffix
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
+@contextlib.contextmanager
+def _opened(path: Path, opener) -> Iterator:
+    """``path`` opened for reading bytes, refused by name if it is binary or cannot be decompressed."""
+    try:
+        with opener(path, "rb") as f:
+            if b"\0" in f.peek(8192)[:8192]:  # every opener here buffers; peek reads nothing twice
+                raise ValueError(f"{path} holds binary data (a NUL byte in its first 8 KiB), not text")
+            yield f
+    except (OSError, EOFError, lzma.LZMAError) as e:  # a damaged or mislabelled compressed file
+        kind = "text" if opener is open else f"{opener.__module__}-compressed text"
+        raise ValueError(f"{path} could not be read as {kind} ({e})") from None
+
+
+def _decode(data: bytes) -> tuple[str, int]:
+    """The text of ``data`` and how many undecodable byte sequences were replaced by U+FFFD."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        return text, text.count("\ufffd") - data.count("\ufffd".encode())
+
+
+def _warn_replaced(path: Path, replaced: int, quiet: bool) -> None:
+    if replaced:
+        (logger.debug if quiet else logger.warning)(
+            "%s is not valid UTF-8: %d undecodable byte sequences replaced by U+FFFD", path, replaced)
+
+
+def _read_text(path: Path, opener=open, quiet: bool = False) -> str:
+    with _opened(path, opener) as f:
+        text, replaced = _decode(f.read())
+    _warn_replaced(path, replaced, quiet)
+    return text
+
+
+def _jsonl_documents(path: Path, text_field: str, opener=open, quiet: bool = False) -> Iterator[str]:
+    replaced = 0
+    with _opened(path, opener) as f:  # streamed line by line: a file may be larger than memory
+        for lineno, raw in enumerate(f, start=1):
+            line, bad = _decode(raw)
+            replaced += bad
             if not line.strip():
                 continue
             try:
@@ -198,6 +259,7 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 raise ValueError(f"{path}, line {lineno}: field {text_field!r} is a {type(text).__name__}, "
                                  f"not a string")
             yield text
+    _warn_replaced(path, replaced, quiet)
 
 
 # ----------------------------------------------------------------------------------------------
