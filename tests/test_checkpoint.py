@@ -1,4 +1,5 @@
-"""Checkpoint robustness: a kill mid-save, a checkpoint of another model, a hostile .metadata, async saves."""
+"""Checkpoint robustness: a kill mid-save, damaged files, a checkpoint of another model, a hostile .metadata,
+async saves."""
 
 import json
 import os
@@ -54,6 +55,52 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
         # Steps 1-2 ran in another process (possibly another CPU thread count), so allow rounding.
         assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-6), step
     assert resumed.val_losses[8] == pytest.approx(full.val_losses[8], rel=1e-5, abs=1e-6)
+
+
+def _damage(folder, how: str) -> None:
+    if how == "record of the wrong shape":
+        (folder / "torchtrain.json").write_text(json.dumps({"model": ["debug"]}))
+    elif how == "metadata missing":
+        (folder / ".metadata").unlink()
+    elif how == "metadata truncated":
+        data = (folder / ".metadata").read_bytes()
+        (folder / ".metadata").write_bytes(data[: len(data) // 2])
+    elif how == "shard truncated":
+        shard = max(folder.glob("*.distcp"), key=lambda p: p.stat().st_size)
+        shard.write_bytes(shard.read_bytes()[:1000])
+
+
+DAMAGE = ["record of the wrong shape", "metadata missing", "metadata truncated", "shard truncated"]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    full = run(tmp_path / "full", "--training.steps", "4", "--checkpoint.every", "2")
+    expected = {
+        "record of the wrong shape": "unreadable torchtrain.json (its model record is a list, not a table)",
+        "metadata missing": ".metadata: missing",
+        "metadata truncated": ".metadata: not a readable DCP metadata file",
+        "shard truncated": "a shard could not be read on rank 0",
+    }
+    for how in DAMAGE:
+        out = tmp_path / how.replace(" ", "_")
+        shutil.copytree(tmp_path / "full/checkpoints", out / "checkpoints")
+        _damage(out / "checkpoints/step-00000004", how)
+        resumed = run(out, "--training.steps", "4", "--checkpoint.every", "0", "--checkpoint.resume", "true")
+        assert sorted(resumed.losses) == [3, 4], how  # from step 2, the newest intact one
+        for step in (3, 4):
+            assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-6), (how, step)
+        log = (out / "train.log").read_text()
+        assert expected[how] in log and "trying the checkpoint before it" in log, (how, log[-2000:])
+    # Nothing intact: one error naming the newest checkpoint's damage; nothing is written.
+    out = tmp_path / "all_damaged"
+    shutil.copytree(tmp_path / "full/checkpoints", out / "checkpoints")
+    _damage(out / "checkpoints/step-00000004", "shard truncated")
+    _damage(out / "checkpoints/step-00000002", "metadata missing")
+    before = sorted(p.name for p in (out / "checkpoints").rglob("*"))
+    with pytest.raises(ConfigError, match=r"step-00000004: a shard could not be read .*no older checkpoint in "
+                                          r".* is intact either"):
+        run(out, "--training.steps", "4", "--checkpoint.resume", "true")
+    assert sorted(p.name for p in (out / "checkpoints").rglob("*")) == before
 
 
 def test_checkpoint_of_another_model_is_refused_before_training(tmp_path):

@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -248,8 +249,10 @@ class CheckpointManager:
             return
         try:
             saved = json.loads(record_path.read_text())["model"]
+            if not isinstance(saved, dict):
+                raise TypeError(f"its model record is a {type(saved).__name__}, not a table")
         except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"checkpoint {path}: unreadable {_RECORD} ({e})") from None
+            raise DamagedCheckpointError(f"checkpoint {path}: unreadable {_RECORD} ({e})") from None
         differences = [f"{key}: checkpoint {saved.get(key, '(missing)')!r}, recipe {value!r}"
                        for key, value in self.model_record.items() if saved.get(key) != value]
         if differences:
@@ -266,8 +269,32 @@ class CheckpointManager:
         # Read the metadata once up front so a refusal surfaces as itself, not wrapped in DCP's
         # per-rank CheckpointException (dcp.load below reads it again through the same guard).
         SafeFileSystemReader(path).read_metadata()
-        dcp.load(state, storage_reader=SafeFileSystemReader(path))
+        try:
+            dcp.load(state, storage_reader=SafeFileSystemReader(path))
+        except CheckpointException as e:  # a shard missing, truncated or garbled, on any rank
+            rank, (error, _) = next(iter(e.failures.items()))
+            raise DamagedCheckpointError(f"checkpoint {path}: a shard could not be read on rank {rank} "
+                                         f"({type(error).__name__}: {error})") from None
         logger.info("resumed from checkpoint %s", path)
+
+    def load_newest_intact(self, state: dict[str, Stateful]) -> int | None:
+        """Load the newest checkpoint that reads whole; return its step (None: there is none).
+
+        A damaged one (files missing, truncated or garbled) is skipped with a warning that says why,
+        and the one before it is tried; when every one is damaged, the newest's error is raised. A
+        checkpoint of another model is not damage: its ConfigError stops the run.
+        """
+        errors = []
+        for step, path in reversed(self.checkpoints()):
+            try:
+                self.load(path, state)
+                return step
+            except DamagedCheckpointError as e:
+                logger.warning("%s; trying the checkpoint before it", e)
+                errors.append(e)
+        if errors:
+            raise type(errors[0])(f"{errors[0]}; no older checkpoint in {self.folder} is intact either")
+        return None
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
@@ -301,7 +328,11 @@ def model_record(name: str, args: Any) -> dict[str, Any]:
     return {"name": name, **{field: getattr(args, field) for field in _SHAPE_FIELDS}}
 
 
-class UnsafeCheckpointError(RuntimeError):
+class DamagedCheckpointError(ConfigError):
+    """A checkpoint's files are missing, truncated or garbled: resume falls back to an older one."""
+
+
+class UnsafeCheckpointError(DamagedCheckpointError):
     """A checkpoint's DCP metadata asks for something other than plain DCP metadata."""
 
 
@@ -320,6 +351,8 @@ class SafeFileSystemReader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
+        if not Path(path).is_file():
+            raise UnsafeCheckpointError(f"{path}: missing (the folder is not a complete DCP checkpoint)")
         with self.fs.create_stream(path, "rb") as f:
             try:
                 metadata = _MetadataUnpickler(f).load()

@@ -126,11 +126,10 @@ def _train(config: Config, device: torch.device) -> TrainResult:
                                         optimizer)
     start_step = 0
     if config.checkpoint.resume:
-        latest = checkpoints.latest() if checkpoints else None
-        if latest is None:
+        resumed = checkpoints.load_newest_intact(state) if checkpoints else None
+        if resumed is None:
             logger.info("checkpoint.resume is set but there is no checkpoint yet; starting from step 0")
         else:
-            checkpoints.load(latest[1], state)
             start_step = state["step"].obj.step
     if config.checkpoint.initial_load_path and start_step == 0:  # start from a Hugging Face model's weights
         from torchtrain.hf_checkpoint import load_hf_weights
