@@ -130,6 +130,13 @@ def test_a_checkpoint_with_a_code_executing_metadata_pickle_is_refused(tmp_path)
     with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refusing to load: .* references (posix|os)\.system"):
         run(tmp_path, "--checkpoint.resume", "true")
     assert not marker.exists()
+    # Export and generate read a checkpoint's model through the same guard.
+    from torchtrain.hf_checkpoint import read_dcp_model_state
+    from torchtrain.models import get_model_args
+
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to load: .* references (posix|os)\.system"):
+        read_dcp_model_state(tmp_path / "checkpoints/step-00000002", get_model_args("debug"))
+    assert not marker.exists()
 
     # Genuine DCP metadata with an entry stored as pickled bytes (DCP would torch.load it) is refused.
     good = SafeFileSystemReader(tmp_path / "full/checkpoints/step-00000002").read_metadata()

@@ -273,16 +273,18 @@ def read_dcp_model_state(checkpoint: str | Path, model_args: ModelArgs,
     """The model tensors of a training checkpoint (a DCP folder), as full CPU tensors, in this process.
 
     No process group is needed (``dcp.load(..., no_dist=True)``); only the model's tensors are
-    read, not the optimizer state. Keys are our parameter names.
+    read, not the optimizer state. Keys are our parameter names. The ``.metadata`` pickle is read
+    through the trainer's allow-list reader (``checkpoint.SafeFileSystemReader``): no code it names runs.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from torchtrain.checkpoint import SafeFileSystemReader
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / ".metadata").is_file():
         raise ValueError(f"{checkpoint} is not a checkpoint folder (no .metadata file)")
-    stored = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    stored = SafeFileSystemReader(checkpoint).read_metadata().state_dict_metadata
     shapes = {name: tuple(t.shape) for name, t in _whole_meta(model_args).state_dict().items()}
     state: dict[str, Tensor] = {}
     problems = []
@@ -298,6 +300,7 @@ def read_dcp_model_state(checkpoint: str | Path, model_args: ModelArgs,
         raise ValueError(f"checkpoint {checkpoint} does not match the model: " + "; ".join(problems[:10]))
     with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is the intent
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model_and_optimizer": {"model": state}}, checkpoint_id=str(checkpoint), no_dist=True)
+        dcp.load({"model_and_optimizer": {"model": state}}, storage_reader=SafeFileSystemReader(checkpoint),
+                 no_dist=True)
     return state
 
