@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,12 @@ def test_data_parallel_fsdp_resumes_a_single_process_run_and_matches_it(tmp_path
                    "--checkpoint.every", "0"))
     dp2 = {int(k): v for k, v in json.loads(out.read_text())["losses"].items()}
     assert sorted(dp2) == list(range(3, 9))
+    # Each log line shows the spread of step times over the ranks and the slowest rank.
+    assert re.search(r"ranks \d+\.\d\d-\d+\.\d\ds, slowest rank [01]", (dp2_dir / "train.log").read_text())
+    events = EventAccumulator(str(dp2_dir / "tb"))
+    events.Reload()
+    assert {"perf/step_time_min_s", "perf/step_time_median_s", "perf/step_time_max_s",
+            "perf/slowest_rank"} <= set(events.Tags()["scalars"])
     for step in dp2:
         assert dp2[step] == pytest.approx(single.losses[step], rel=1e-5, abs=1e-5), step
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import resource
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,22 @@ class ThroughputMeter:
         return figures
 
 
+def rank_step_times(step_time_s: float, device: torch.device) -> dict[str, float]:
+    """The window's mean step time over the ranks: min, median, max, and which rank was slowest.
+
+    One all-gather of one number per rank, at log steps only (which already wait for the device),
+    so a straggler shows without a sync between log steps. Empty on one process.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return {}
+    every = torch.empty(world, dtype=torch.float32, device=device)
+    dist.all_gather_single(every, torch.tensor([step_time_s], dtype=torch.float32, device=device))
+    times = every.tolist()
+    return {"perf/step_time_min_s": min(times), "perf/step_time_median_s": statistics.median(times),
+            "perf/step_time_max_s": max(times), "perf/slowest_rank": float(times.index(max(times)))}
+
+
 class StepScalars:
     """Each step's loss and gradient norm, kept on the device until a step that needs their values.
 
@@ -157,6 +175,9 @@ def format_line(step: int, total_steps: int, f: dict[str, float]) -> str:
         parts.append(f"peak mem {f['memory/peak_gib']:.2f} GiB")
     if "perf/step_time_s" in f:
         parts.append(f"step {f['perf/step_time_s']:.2f}s")
+        if "perf/step_time_max_s" in f:
+            parts.append(f"ranks {f['perf/step_time_min_s']:.2f}-{f['perf/step_time_max_s']:.2f}s, "
+                         f"slowest rank {int(f['perf/slowest_rank'])}")
         parts.append(f"ETA {_duration(f['perf/eta_s'])}")
     return " | ".join(parts)
 

@@ -27,7 +27,8 @@ from torchtrain.checks import check_run
 from torchtrain.checkpoint import CheckpointManager, IntState, ModelAndOptimizer, RNGState, model_record
 from torchtrain.config import Config, ConfigError, load_config, parse_args, recipe_help
 from torchtrain.data import Batch, TokenLoader, build_datasets
-from torchtrain.metrics import MetricsLogger, StepScalars, ThroughputMeter, device_peak_flops, peak_memory_bytes
+from torchtrain.metrics import (MetricsLogger, StepScalars, ThroughputMeter, device_peak_flops, peak_memory_bytes,
+                                rank_step_times)
 from torchtrain.models import ModelArgs, Transformer
 from torchtrain.models.shape import model_args_for
 from torchtrain.loss import IGNORE_INDEX
@@ -172,6 +173,7 @@ def _train(config: Config, device: torch.device) -> TrainResult:
                 figures = {"loss/train": result.losses[step], "optim/lr": lr,
                            "optim/grad_norm": result.grad_norms[step],
                            "memory/peak_gib": peak_memory_bytes(device) / 2**30, **meter.read(step)}
+                figures.update(rank_step_times(figures["perf/step_time_s"], device))
                 if checkpoints and checkpoints.last_blocked_s:  # how long the latest save held training up
                     figures["checkpoint/blocked_s"] = checkpoints.last_blocked_s
             if validates:
