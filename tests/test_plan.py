@@ -263,14 +263,14 @@ def test_a_pipeline_without_fsdp_plans_one_bf16_copy_of_each_weight_per_step():
 
 
 def test_a_pipeline_stage_holds_no_more_for_more_microbatches(tmp_path):
-    # The allocator's peaks of 4 pipeline stages (1F1B, one sample per microbatch) at 8 and 64 microbatches
+    # The allocator's peaks of 4 pipeline stages (1F1B, one sample per microbatch) at 8 and 32 microbatches
     # a step. torch's stages kept receive buffers for every microbatch of the step (a middle stage's peak
     # grew by three hidden-state shards per microbatch: 22.1 -> 29.6 MB from 4 to 32), and the schedule's
     # kept losses the last stage's received activations; now a stage holds those in flight only.
     cases = {f"mb{n}": f"--training.seq_len=128,--training.local_batch_size={n},--parallelism.pp=4,"
-                       "--parallelism.dp_shard=1" for n in (8, 64)}
+                       "--parallelism.dp_shard=1" for n in (8, 32)}
     out = tmp_path / "measured.json"
     torchrun(4, WORKER, out, *(f"{name}:{overrides}" for name, overrides in cases.items()))
     measured = {name: [rank["total"] for rank in ranks] for name, ranks in json.loads(out.read_text()).items()}
-    for stage, (few, many) in enumerate(zip(measured["mb8"], measured["mb64"], strict=True)):
+    for stage, (few, many) in enumerate(zip(measured["mb8"], measured["mb32"], strict=True)):
         assert many <= 1.02 * few, (stage, few, many)
