@@ -163,9 +163,8 @@ def settle_gradients(params: list[torch.Tensor]) -> None:
         grad = p.grad
         if not isinstance(grad, DTensor) or grad.placements == p.placements:
             continue
-        summed = [isinstance(g, Partial) and g.reduce_op == "sum" and isinstance(q, Replicate)
-                  for g, q in zip(grad.placements, p.placements)]
-        if grad.device_mesh.ndim == 1 and summed[0]:
+        placement = grad.placements[0] if grad.device_mesh.ndim == 1 else None
+        if isinstance(placement, Partial) and placement.reduce_op == "sum" and isinstance(p.placements[0], Replicate):
             partial.setdefault(grad.device_mesh, []).append(p)
         else:
             p.grad = grad.redistribute(p.device_mesh, p.placements)

@@ -109,8 +109,8 @@ def plan_layout(config: Config, model_args: ModelArgs, world_size: int, gpu: Dev
     Every pipeline rank is planned; ranks whose stages hold alike blocks are measured once
     (:func:`measure_pipeline_ranks`). ``ends_only``: plan the first and last pipeline ranks only (the
     first keeps the most microbatches in flight, the last holds the output layer, but a middle rank
-    can hold more blocks, or, interleaved, a heavier pair of stages, so this can miss the peak). ``exact``: trace every block instead
-    of a few per stage (:mod:`torchtrain.plan.depth`).
+    can hold more blocks, or, interleaved, a heavier pair of stages, so this can miss the peak).
+    ``exact``: trace every block instead of a few per stage (:mod:`torchtrain.plan.depth`).
     """
     dims = check_run(config, model_args, world_size, torch.device(target.device_type))
     pipe = pipeline_settings(config, dims.pp)

@@ -95,6 +95,7 @@ def measured_device(name: str, memory_bytes: float, matmul_flops: float, attenti
     if missing:
         raise ValueError(f"measured profile {name!r} lacks a rate for {', '.join(sorted(missing))}")
     rates = tuple((kind, float(collective_bytes_per_s[kind])) for kind in COLLECTIVE_KINDS)
+    # The link figures are not read when per-kind rates are given; the slowest rate stands in for them.
     slowest = min(rate for _, rate in rates)
     return Device(name, memory_bytes, matmul_flops, slowest, slowest, rates, overlaps_collectives, attention_flops,
                   memory_bytes_per_s)
