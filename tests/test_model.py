@@ -129,6 +129,37 @@ def test_pipeline_style_split_matches_full_model(model):
         torch.testing.assert_close(last(hidden), model(tokens), atol=1e-6, rtol=0)
 
 
+def _saved_for_backward(model: torch.nn.Module, tokens: torch.Tensor, autocast: bool) -> tuple[int, torch.Tensor]:
+    """Bytes of the distinct storages autograd saves in one forward with the loss, and the loss."""
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(tokens, labels=tokens)
+    return sum(storages.values()), loss
+
+
+def test_autocast_saves_what_bf16_parameters_save():
+    """Mixed precision without FSDP (autocast) keeps the activations that FSDP's bf16 parameters keep.
+
+    The instrument is autograd's own saved-tensor hooks, on the default recipe's model: under autocast
+    each matmul casts its fp32 input, and a residual stream left in fp32 would be cast (and saved) once
+    per matmul reading it, three times per attention and twice per MLP.
+    """
+    args = dataclasses.replace(get_model_args("debug"), max_seq_len=128)
+    fp32 = _meta_init(args, 0)
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    tokens = torch.randint(0, args.vocab_size, (2, 128))
+    autocast_bytes, autocast_loss = _saved_for_backward(fp32, tokens, autocast=True)
+    bf16_bytes, bf16_loss = _saved_for_backward(bf16, tokens, autocast=False)
+    assert autocast_bytes <= bf16_bytes * 1.01, (autocast_bytes, bf16_bytes)
+    torch.testing.assert_close(autocast_loss.float(), bf16_loss.float(), rtol=1e-2, atol=0)
+
+
 def test_backward_gives_finite_gradients_everywhere():
     model = _meta_init(dataclasses.replace(TINY, qkv_bias=True), 0)
     tokens = torch.randint(0, TINY.vocab_size, (2, 16))

@@ -224,7 +224,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # NOTE: the gain in the input's dtype: under autocast the parameter is fp32 and the input bf16,
+        # a mix the fused kernel refuses (torch falls back to op-by-op autograd, which saves fp32 copies).
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -379,6 +381,12 @@ class Transformer(nn.Module):
                 document_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 kv_cache: Optional[KVCache] = None) -> Tensor:
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
+        if torch.is_autocast_enabled(h.device.type):
+            # NOTE: mixed precision without FSDP is autocast, which leaves the embedding in fp32. Carrying
+            # the residual stream in the compute dtype, as FSDP's cast parameters do, keeps one bf16 copy
+            # of each norm's output for all the matmuls that read it (autocast would cast it once per
+            # matmul and save every copy) and halves tensor parallel's all-gathers and pipeline sends.
+            h = h.to(torch.get_autocast_dtype(h.device.type))
         if kv_cache is not None:
             if document_ids is not None:
                 raise ValueError("document_ids cannot be combined with a kv_cache (decoding is one document)")

@@ -202,7 +202,7 @@ def _measure(config, model_args, dims, mesh, parts, rank, target, device) -> Ran
     step_autocast, microbatch_autocast = ((autocast, contextlib.nullcontext()) if dims.pp > 1
                                           else (contextlib.nullcontext(), autocast))
     pp_rank, pipe = mesh["pp"].get_local_rank(), pipeline_settings(config, dims.pp)
-    hidden_dtype = target.param_dtype if fsdp else torch.float32  # autocast keeps the residual stream fp32
+    hidden_dtype = target.param_dtype  # FSDP's cast parameters or autocast: the compute dtype (models/llama.py)
 
     _create_optimizer_state(parts.model, optimizer)
     tracker = model_state_tracker(parts, optimizer)
