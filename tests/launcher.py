@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,15 +26,42 @@ def warnings_as_errors() -> str:
     return ",".join([f"error:::{module}" for module in modules] + [f"error:{m}" for m in FIXED_DEPRECATIONS])
 
 
-def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``script`` on ``nproc`` local processes; raise with the combined output if it fails."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS=warnings_as_errors())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(script), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600, launch: tuple[str, ...] = ("--standalone",),
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``script`` on ``nproc`` local processes; raise with the combined output if it fails (``check``).
+
+    ``launch``: torchrun's own options (rendezvous, restarts); ``--standalone`` by default."""
+    proc = subprocess.run(_command(nproc, script, args, launch), cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-8000:]}")
     return proc
+
+
+def torchrun_nodes(nnodes: int, nproc: int, script: str | Path, *args: str, timeout: float = 600) -> list[str]:
+    """Run ``script`` as a job of ``nnodes`` "nodes" on this machine: one torchrun agent each, meeting at a c10d
+    rendezvous on 127.0.0.1, as on a cluster; raise with the output unless every agent succeeds."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = (f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test")
+    agents = [subprocess.Popen(_command(nproc, script, args, launch), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for _ in range(nnodes)]
+    outputs = [agent.communicate(timeout=timeout)[0] for agent in agents]
+    if any(agent.returncode != 0 for agent in agents):
+        raise AssertionError("\n".join(f"agent {i} ({agent.returncode}):\n{out[-4000:]}"
+                                       for i, (agent, out) in enumerate(zip(agents, outputs))))
+    return outputs
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS=warnings_as_errors())
+
+
+def _command(nproc: int, script: str | Path, args, launch) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}", str(script),
+            *map(str, args)]
 
 
 def run_cases(nproc: int, script: str | Path, cases: tuple[str, ...]) -> tuple[set[str], str]:

@@ -4,6 +4,7 @@ async saves."""
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from launcher import REPO, torchrun
 from test_train import run, tiny
-from torchtrain.checkpoint import SafeFileSystemReader, UnsafeCheckpointError
+from torchtrain.checkpoint import SafeFileSystemReader, UnsafeCheckpointError, file_checksum
 from torchtrain.config import ConfigError
 
 
@@ -68,39 +69,87 @@ def _damage(folder, how: str) -> None:
     elif how == "shard truncated":
         shard = max(folder.glob("*.distcp"), key=lambda p: p.stat().st_size)
         shard.write_bytes(shard.read_bytes()[:1000])
+    elif how == "shard bytes changed":  # same size, still a valid file: only the checksum can tell
+        shard = max(folder.glob("*.distcp"), key=lambda p: p.stat().st_size)
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        shard.write_bytes(bytes(data))
+    elif how == "metadata truncated, no checksums":  # a checkpoint saved before checksums were recorded
+        record = json.loads((folder / "torchtrain.json").read_text())
+        del record["files"]
+        (folder / "torchtrain.json").write_text(json.dumps(record))
+        _damage(folder, "metadata truncated")
 
 
-DAMAGE = ["record of the wrong shape", "metadata missing", "metadata truncated", "shard truncated"]
+DAMAGE = ["record of the wrong shape", "metadata missing", "metadata truncated", "shard truncated",
+          "shard bytes changed", "metadata truncated, no checksums"]
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
     full = run(tmp_path / "full", "--training.steps", "4", "--checkpoint.every", "2")
     expected = {
-        "record of the wrong shape": "unreadable torchtrain.json (its model record is a list, not a table)",
-        "metadata missing": ".metadata: missing",
-        "metadata truncated": ".metadata: not a readable DCP metadata file",
-        "shard truncated": "a shard could not be read on rank 0",
+        "record of the wrong shape": r"unreadable torchtrain.json \(its model record is a list, not a table\)",
+        "metadata missing": ".metadata is missing",
+        "metadata truncated": r".metadata has \d+ bytes, \d+ were written",
+        "shard truncated": r"__0_0.distcp has 1000 bytes, \d+ were written",
+        "shard bytes changed": "__0_0.distcp does not match its checksum",
+        "metadata truncated, no checksums": ".metadata: not a readable DCP metadata file",
     }
     for how in DAMAGE:
-        out = tmp_path / how.replace(" ", "_")
+        out = tmp_path / how.replace(" ", "_").replace(",", "")
         shutil.copytree(tmp_path / "full/checkpoints", out / "checkpoints")
         _damage(out / "checkpoints/step-00000004", how)
-        resumed = run(out, "--training.steps", "4", "--checkpoint.every", "0", "--checkpoint.resume", "true")
+        resumed = run(out, "--training.steps", "4", "--checkpoint.every", "0")  # resume = "auto"
         assert sorted(resumed.losses) == [3, 4], how  # from step 2, the newest intact one
         for step in (3, 4):
             assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-6), (how, step)
         log = (out / "train.log").read_text()
-        assert expected[how] in log and "trying the checkpoint before it" in log, (how, log[-2000:])
+        assert re.search(expected[how], log) and "trying the checkpoint before it" in log, (how, log[-2000:])
+        # The damaged one is set aside, not deleted, and this run's own step 4 replaced it.
+        assert _names(out / "checkpoints") == ["damaged-step-00000004", "step-00000002", "step-00000004"], how
     # Nothing intact: one error naming the newest checkpoint's damage; nothing is written.
     out = tmp_path / "all_damaged"
     shutil.copytree(tmp_path / "full/checkpoints", out / "checkpoints")
     _damage(out / "checkpoints/step-00000004", "shard truncated")
     _damage(out / "checkpoints/step-00000002", "metadata missing")
     before = sorted(p.name for p in (out / "checkpoints").rglob("*"))
-    with pytest.raises(ConfigError, match=r"step-00000004: a shard could not be read .*no older checkpoint in "
+    with pytest.raises(ConfigError, match=r"step-00000004: __0_0.distcp has 1000 bytes.*no older checkpoint in "
                                           r".* is intact either"):
         run(out, "--training.steps", "4", "--checkpoint.resume", "true")
     assert sorted(p.name for p in (out / "checkpoints").rglob("*")) == before
+
+
+def _names(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_rerun_resumes_its_own_run_and_never_clobbers_another(tmp_path):
+    """checkpoint.resume: "auto" continues this run, refuses another's; false needs overwrite to start over."""
+    first = run(tmp_path, "--training.steps", "4", "--checkpoint.every", "2", "--training.val_every", "0")
+    rerun = run(tmp_path, "--training.steps", "6", "--training.val_every", "0")  # the same command, longer
+    assert sorted(rerun.losses) == [5, 6]
+    assert _names(tmp_path / "checkpoints") == ["step-00000002", "step-00000004", "step-00000006"]
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*")}
+    for overrides, message in [
+        (["--training.seq_len", "32"], r"holds the checkpoints of another run \(.*step-00000006: training.seq_len: "
+                                       r"checkpoint 64, recipe 32\)\. .*--checkpoint.resume true.*"
+                                       r"--checkpoint.resume false --checkpoint.overwrite true"),
+        (["--data.dataset", str(tmp_path / "other.txt")], r"data.dataset: checkpoint 'stdlib', recipe '.*other.txt'"),
+        (["--checkpoint.resume", "false"], r"checkpoint.resume = false would start over in .*checkpoints, which holds "
+                                           r"3 checkpoint\(s\) \(newest step-00000006\).*--checkpoint.overwrite true"),
+        (["--checkpoint.overwrite", "true"], r"checkpoint.overwrite = True is invalid; .*needs checkpoint.resume = false"),
+        (["--checkpoint.resume", "maybe"], r"checkpoint.resume = 'maybe' is invalid; valid choices: 'auto', true, false"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            run(tmp_path, "--training.steps", "8", *overrides)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*")} == before  # nothing touched
+    # resume = true with nothing to resume is an error; "auto" starts at step 0.
+    with pytest.raises(ConfigError, match=r"checkpoint.resume = true, but .*empty/checkpoints holds no checkpoint"):
+        run(tmp_path / "empty", "--checkpoint.resume", "true")
+    # Starting over is explicit, and then only the new run's checkpoints are left.
+    fresh = run(tmp_path, "--training.steps", "2", "--checkpoint.resume", "false", "--checkpoint.overwrite", "true",
+                "--training.val_every", "0")
+    assert fresh.losses[1] == first.losses[1] and _names(tmp_path / "checkpoints") == ["step-00000002"]
 
 
 def test_checkpoint_of_another_model_is_refused_before_training(tmp_path):
@@ -116,6 +165,15 @@ def test_checkpoint_of_another_model_is_refused_before_training(tmp_path):
     assert "step 1/8" not in (tmp_path / "train.log").read_text()  # the second run ran no step
 
 
+def _tamper(path, data: bytes) -> None:
+    """Replace a checkpoint file and its recorded checksum, as whoever rewrites the files can (the checksums
+    find damage, not an attacker: the unpickler's allow list is what stands against a hostile file)."""
+    path.write_bytes(data)
+    record = json.loads((path.parent / "torchtrain.json").read_text())
+    record["files"][path.name] = file_checksum(path)
+    (path.parent / "torchtrain.json").write_text(json.dumps(record))
+
+
 def test_a_checkpoint_with_a_code_executing_metadata_pickle_is_refused(tmp_path):
     run(tmp_path, "--training.steps", "2")
     shutil.copytree(tmp_path / "checkpoints", tmp_path / "full/checkpoints")
@@ -126,7 +184,7 @@ def test_a_checkpoint_with_a_code_executing_metadata_pickle_is_refused(tmp_path)
             return os.system, (f"touch {marker}",)
 
     metadata = tmp_path / "checkpoints/step-00000002/.metadata"
-    metadata.write_bytes(pickle.dumps(Payload()))
+    _tamper(metadata, pickle.dumps(Payload()))
     with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refusing to load: .* references (posix|os)\.system"):
         run(tmp_path, "--checkpoint.resume", "true")
     assert not marker.exists()
@@ -142,7 +200,7 @@ def test_a_checkpoint_with_a_code_executing_metadata_pickle_is_refused(tmp_path)
     good = SafeFileSystemReader(tmp_path / "full/checkpoints/step-00000002").read_metadata()
     key = next(iter(good.state_dict_metadata))
     good.state_dict_metadata[key] = BytesStorageMetadata()
-    metadata.write_bytes(pickle.dumps(good))
+    _tamper(metadata, pickle.dumps(good))
     with pytest.raises(UnsafeCheckpointError, match=rf"entry '{key}' is BytesStorageMetadata, not a tensor"):
         run(tmp_path, "--checkpoint.resume", "true")
 

@@ -31,7 +31,8 @@ import pickle
 import re
 import shutil
 import time
-from concurrent.futures import Future
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from torchtrain.config import Config, ConfigError, check_choice
+from torchtrain.config import Config, ConfigError, check_choice, invalid
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +56,79 @@ ASYNC_MODES = ("disabled", "async")  # checkpoint.async_mode
 
 def check_checkpoint(config: Config) -> None:
     check_choice(config, "checkpoint", "async_mode", ASYNC_MODES)
+    if config.checkpoint.resume not in (True, False, "auto"):
+        raise invalid(config, "checkpoint", "resume", "valid choices: 'auto', true, false")
+    if config.checkpoint.overwrite and config.checkpoint.resume is not False:
+        raise invalid(config, "checkpoint", "overwrite",
+                      "it deletes the folder's checkpoints, so it needs checkpoint.resume = false")
+
+
+def check_resume(config: Config, model: dict[str, Any]) -> None:
+    """Refuse, before anything is built, a resume setting that would clobber or mix up checkpoints.
+
+    Reads only the folder's listing and the newest readable ``torchtrain.json``; every rank may call it.
+    """
+    folder = Path(config.job.output_dir) / config.checkpoint.folder
+    found = complete_checkpoints(folder)
+    resume = config.checkpoint.resume
+    if not config.checkpoint.enabled or (not found and resume != True):  # noqa: E712 (True, not "auto")
+        return
+    if not found:
+        raise ConfigError(f"{config.source}: checkpoint.resume = true, but {folder} holds no checkpoint; "
+                          "'auto' starts at step 0 when there is none")
+    newest = found[-1][1]
+    if resume is False:
+        if not config.checkpoint.overwrite:
+            raise ConfigError(
+                f"{config.source}: checkpoint.resume = false would start over in {folder}, which holds "
+                f"{len(found)} checkpoint(s) (newest {newest.name}) that its saves would replace; pass "
+                "--checkpoint.overwrite true to delete them, or give this run another job.output_dir")
+        return
+    saved = _newest_record(found)
+    if saved is None:  # none readable: resume tries each and says why it cannot (load_newest_intact)
+        return
+    path, record = saved
+    differences = _differences(record.get("model", {}), model)
+    if resume == "auto":
+        differences += _differences(record.get("run", {}), run_record(config))
+    if differences:
+        allow = ("--checkpoint.resume true to continue it with this recipe's data" if resume == "auto"
+                 and not _differences(record.get("model", {}), model) else "")
+        raise ConfigError(
+            f"{config.source}: {folder} holds the checkpoints of another run ({path}: "
+            + "; ".join(differences) + "). Give this run another job.output_dir, "
+            + (f"pass {allow}, " if allow else "")
+            + "or start over in it with --checkpoint.resume false --checkpoint.overwrite true (which deletes them)")
+
+
+def run_record(config: Config) -> dict[str, Any]:
+    """The recipe fields that make checkpoints one run's: the data they were trained on, in what pieces.
+
+    The model's shape is the other half (:func:`model_record`); what may change between a save and a
+    resume (layout, steps, schedule, cadences) is left out.
+    """
+    return {"data.dataset": config.data.dataset, "data.tokenizer": config.data.tokenizer,
+            "training.seq_len": config.training.seq_len}
+
+
+def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    return [f"{key}: checkpoint {saved.get(key, '(missing)')!r}, recipe {value!r}"
+            for key, value in wanted.items() if key in saved and saved[key] != value]
+
+
+def _newest_record(found: list[tuple[int, Path]]) -> tuple[Path, dict[str, Any]] | None:
+    for _, path in reversed(found):
+        try:
+            record = json.loads((path / _RECORD).read_text())
+            if isinstance(record, dict) and isinstance(record.get("model"), dict):
+                return path, record
+        except (OSError, ValueError):
+            continue
+    return None
 
 _COMPLETE = re.compile(r"^step-(\d{8})$")
 _PARTIAL_SUFFIX = ".partial"
+_SHARD_OWNER = re.compile(r"^__(\d+)_")  # DCP's FileSystemWriter names each rank's files __<rank>_<n>.distcp
 _RECORD = "torchtrain.json"  # the model record, written by rank 0 into the folder before its rename
 _SHAPE_FIELDS = ("dim", "num_layers", "num_heads", "num_kv_heads", "vocab_size", "ffn_dim")
 
@@ -126,18 +197,21 @@ class CheckpointManager:
     """
 
     def __init__(self, folder: Path, keep_last: int, async_mode: str = "disabled",
-                 model_record: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None):
+                 model_record: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 run_record: dict[str, Any] | None = None, start_over: bool = False):
         if async_mode not in ASYNC_MODES:
             raise ValueError(f"async_mode must be one of {ASYNC_MODES}, not {async_mode!r}")
         self.folder = Path(folder)
         self.keep_last = keep_last
         self.async_mode = async_mode
         self.model_record = dict(model_record) if model_record is not None else None
+        self.run_record = dict(run_record) if run_record is not None else None
         self.is_rank0 = dist.get_rank() == 0
         self.last_blocked_s = 0.0  # how long the last save() held up the training loop
         self._pending: tuple[Future, int, Path, Path] | None = None
         self._staging: Future | None = None  # the background copy of the state, until it is done
         self._async_group = self._stager = None
+        self._checksummer: ThreadPoolExecutor | None = None
         if async_mode == "async":
             # Background saves run collectives from another thread: give them a group of their own so
             # they never interleave with the training loop's collectives on the default group.
@@ -151,12 +225,18 @@ class CheckpointManager:
                                                         use_non_blocking_copy=on_accelerator))
             if optimizer is not None:
                 optimizer.register_step_pre_hook(lambda *_: self._await_staging())
+            # Checksums of a background save are computed in the background too (zlib releases the GIL).
+            self._checksummer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-checksum")
         if self.is_rank0:
             self.folder.mkdir(parents=True, exist_ok=True)
             # Hidden ".step-*" folders are saves or deletions that a crash or kill interrupted.
             for leftover in self.folder.glob(".step-*"):
                 logger.warning("removing %s, left by an interrupted save or delete", leftover)
                 shutil.rmtree(leftover, ignore_errors=True)
+            if start_over:  # checkpoint.overwrite: the user asked for the folder's checkpoints to go
+                for _, old in self.checkpoints():
+                    logger.warning("checkpoint.overwrite: deleting %s", old)
+                    _delete(old)
         dist.barrier()
 
     def checkpoints(self) -> list[tuple[int, Path]]:
@@ -177,13 +257,15 @@ class CheckpointManager:
             response = dcp.async_save(state, storage_writer=FileSystemWriter(partial), process_group=self._async_group,
                                       async_stager=self._stager)
             self._staging = response.staging_completion
-            self._pending = (response.upload_completion, step, partial, final)
+            upload, rank = response.upload_completion, dist.get_rank(self._async_group)
+            sums = self._checksummer.submit(lambda: (upload.result(), own_file_checksums(partial, rank))[1])
+            self._pending = (sums, step, partial, final)
             self.last_blocked_s = time.perf_counter() - started
             logger.info("checkpoint step %d: staging and writing in the background; save() blocked training for "
                         "%.3fs", step, self.last_blocked_s)
         else:
             dcp.save(state, storage_writer=FileSystemWriter(partial))
-            self._commit(step, partial, final)
+            self._commit(step, partial, final, own_file_checksums(partial, dist.get_rank()))
             self.last_blocked_s = time.perf_counter() - started
             logger.info("checkpoint step %d: save() blocked training for %.3fs", step, self.last_blocked_s)
         return final
@@ -205,11 +287,11 @@ class CheckpointManager:
         self._await_staging()
         if self._pending is None:
             return
-        future, step, partial, final = self._pending
+        sums, step, partial, final = self._pending
         self._pending = None
         started = time.perf_counter()
-        future.result()  # raises if this rank's write failed; then nothing is committed
-        self._commit(step, partial, final)
+        # Raises if this rank's write failed; then nothing is committed.
+        self._commit(step, partial, final, sums.result())
         logger.info("checkpoint step %d: background write committed (waited %.3fs)", step,
                     time.perf_counter() - started)
 
@@ -219,12 +301,19 @@ class CheckpointManager:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+        if self._checksummer is not None:
+            self._checksummer.shutdown()
+            self._checksummer = None
 
-    def _commit(self, step: int, partial: Path, final: Path) -> None:
-        dist.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
+    def _commit(self, step: int, partial: Path, final: Path, checksums: dict[str, list[int]]) -> None:
+        # Every rank's shards are on disk (and checksummed) before the checkpoint is declared complete.
+        every_ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(every_ranks, checksums)
         if self.is_rank0:
             if self.model_record is not None:
-                record = {"format": 1, "step": step, "model": self.model_record}
+                files = {name: entry for each in every_ranks for name, entry in each.items()}
+                record = {"format": 2, "step": step, "model": self.model_record, "run": self.run_record or {},
+                          "files": dict(sorted(files.items()))}
                 path = partial / _RECORD
                 with open(path, "w") as f:
                     json.dump(record, f, indent=1, sort_keys=True)
@@ -266,6 +355,7 @@ class CheckpointManager:
     def load(self, path: Path, state: dict[str, Stateful]) -> None:
         """Load ``state`` from ``path`` after checking the model record; never runs pickled code."""
         self.check(path)
+        self.verify(path)
         # Read the metadata once up front so a refusal surfaces as itself, not wrapped in DCP's
         # per-rank CheckpointException (dcp.load below reads it again through the same guard).
         SafeFileSystemReader(path).read_metadata()
@@ -277,6 +367,19 @@ class CheckpointManager:
                                          f"({type(error).__name__}: {error})") from None
         logger.info("resumed from checkpoint %s", path)
 
+    def verify(self, path: Path) -> None:
+        """Raise DamagedCheckpointError unless every file of ``path`` has its recorded size and checksum.
+
+        The files are shared out over the ranks, each reads its share; every rank raises the same error.
+        """
+        rank, world = dist.get_rank(), dist.get_world_size()
+        problems = [None] * world
+        dist.all_gather_object(problems, verify_files(path, rank, world))
+        found = [problem for each in problems for problem in each]
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise DamagedCheckpointError(f"checkpoint {path}: {found[0]}{more}")
+
     def load_newest_intact(self, state: dict[str, Stateful]) -> int | None:
         """Load the newest checkpoint that reads whole; return its step (None: there is none).
 
@@ -284,14 +387,25 @@ class CheckpointManager:
         and the one before it is tried; when every one is damaged, the newest's error is raised. A
         checkpoint of another model is not damage: its ConfigError stops the run.
         """
-        errors = []
+        errors, damaged = [], []
         for step, path in reversed(self.checkpoints()):
             try:
                 self.load(path, state)
-                return step
             except DamagedCheckpointError as e:
                 logger.warning("%s; trying the checkpoint before it", e)
                 errors.append(e)
+                damaged.append(path)
+                continue
+            # The damaged, newer ones are set aside (kept for a look, never loaded or pruned again): the
+            # saves of this resumed run must be the newest checkpoints of the folder.
+            if self.is_rank0:
+                for bad in damaged:
+                    aside = bad.with_name(f"damaged-{bad.name}")
+                    logger.warning("moving the damaged %s to %s", bad, aside)
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.rename(bad, aside)
+            dist.barrier()
+            return step
         if errors:
             raise type(errors[0])(f"{errors[0]}; no older checkpoint in {self.folder} is intact either")
         return None
@@ -300,10 +414,67 @@ class CheckpointManager:
         if self.keep_last <= 0:
             return
         for _, old in self.checkpoints()[: -self.keep_last]:
-            # Rename first so a kill mid-delete never leaves a half-deleted "complete" checkpoint.
-            doomed = old.with_name(f".{old.name}.deleting")
-            os.rename(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            _delete(old)
+
+
+def _delete(checkpoint: Path) -> None:
+    # Rename first so a kill mid-delete never leaves a half-deleted "complete" checkpoint.
+    doomed = checkpoint.with_name(f".{checkpoint.name}.deleting")
+    os.rename(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+_CHUNK = 8 << 20
+
+
+def file_checksum(path: Path) -> list[int]:
+    """``[size, crc32]`` of a file, read in chunks (zlib's crc32 runs at about a GB/s and releases the GIL)."""
+    size, crc, buffer = 0, 0, bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            crc = zlib.crc32(view[:n], crc)
+            size += n
+    return [size, crc]
+
+
+def own_file_checksums(folder: Path, rank: int) -> dict[str, list[int]]:
+    """Checksums of the files ``rank`` wrote into a DCP save: its ``__<rank>_*`` shards; rank 0 also the rest."""
+    mine = []
+    for path in Path(folder).iterdir():
+        owner = _SHARD_OWNER.match(path.name)
+        if path.is_file() and path.name != _RECORD and (int(owner.group(1)) == rank if owner else rank == 0):
+            mine.append(path)
+    return {path.name: file_checksum(path) for path in mine}
+
+
+def verify_files(checkpoint: Path, rank: int = 0, world: int = 1) -> list[str]:
+    """What is wrong with this rank's share (every ``world``-th file) of a checkpoint's recorded files.
+
+    A checkpoint without recorded checksums (saved before they were recorded) has nothing to verify.
+    """
+    try:
+        record = json.loads((Path(checkpoint) / _RECORD).read_text())
+        files = record.get("files", {}) if isinstance(record, dict) else {}
+        if not isinstance(files, dict):
+            raise TypeError(f"its file list is a {type(files).__name__}")
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, TypeError) as e:
+        return [f"unreadable {_RECORD} ({e})"] if rank == 0 else []
+    problems = []
+    for name in sorted(files)[rank::world]:
+        path = Path(checkpoint) / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        expected = files[name]
+        size = path.stat().st_size
+        if size != expected[0]:
+            problems.append(f"{name} has {size} bytes, {expected[0]} were written (truncated or replaced)")
+        elif file_checksum(path)[1] != expected[1]:
+            problems.append(f"{name} does not match its checksum (its bytes changed after the save)")
+    return problems
 
 
 def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:

@@ -21,6 +21,7 @@ from torchtrain.parallel.compile import check_compile
 from torchtrain.parallel.float8 import check_float8
 from torchtrain.parallel.fsdp import check_fsdp
 from torchtrain.parallel.mesh import ParallelDims, check_layout
+from torchtrain.preemption import check_preemption
 from torchtrain.profiling import check_profiling
 
 __all__ = ["check_model", "check_run"]
@@ -45,6 +46,7 @@ def check_run(config: Config, model_args: ModelArgs, world_size: int, device: to
     check_model(config, model_args)
     check_optimizer(config)
     check_checkpoint(config)
+    check_preemption(config)
     check_compile(config)
     check_float8(config, device)
     check_profiling(config, device)

@@ -18,6 +18,7 @@ import math
 import textwrap
 import tokenize
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,15 @@ class Job:
     name: str = "run"  # a label for logs
     output_dir: str = "outputs/run"  # config, logs, TensorBoard events and checkpoints of the run
     seed: int = 0  # seeds weight init, data shuffling and every RNG
+    # Signals that stop the run after the current step with a checkpoint of it, exit status 75 (a
+    # scheduler's warning before preemption or the end of its time limit; see docs/cluster.md). [] keeps
+    # Python's defaults.
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # A training step that runs this many times the median step logs every thread's stack, once; 0: never.
+    stall_factor: float = 10.0
+    # A training step that runs this long ends the process (exit status 124) so that torchrun's restarts or
+    # the scheduler start the job again from its newest checkpoint; 0: never.
+    stall_abort_s: float = 1800.0
 
 
 @dataclass
@@ -101,7 +111,15 @@ class Checkpoint:
     folder: str = "checkpoints"  # under job.output_dir
     every: int = 500  # save every N steps (and at the end); 0 saves only at the end
     keep_last: int = 2  # older checkpoints are deleted; 0 keeps all
-    resume: bool = False  # continue from the latest checkpoint in the folder
+    # "auto": continue from this run's newest intact checkpoint in the folder, or start at step 0 when
+    # there is none; a folder holding another run's checkpoints (another model, data.dataset,
+    # data.tokenizer or training.seq_len) is refused. true: continue from the newest checkpoint even if the
+    # recipe's data differ (a new phase of the same run); an error when there is none. false: start at
+    # step 0; an error when the folder holds checkpoints, unless checkpoint.overwrite is true.
+    resume: bool | str = "auto"
+    # With resume = false: delete the folder's checkpoints at the start (nothing else ever deletes a
+    # checkpoint but pruning, which removes only this run's older ones).
+    overwrite: bool = False
     # A Hugging Face model folder (config.json + safetensors) to start from when there is nothing
     # to resume; empty: initialise from job.seed.
     initial_load_path: str = ""
@@ -149,6 +167,9 @@ class Parallelism:
     pp_stages_per_rank: int = 0  # 0: 1 for gpipe/1f1b, 2 for the interleaved and zbv schedules
     pp_microbatches: int = 0  # microbatches per pipeline step, split from local_batch_size; 0: one per sample
     pp_layers_per_stage: list[int] = field(default_factory=list)  # explicit split; empty: balanced by cost
+    # The process group's timeout: a collective still waiting after this long fails the job (NCCL's watchdog
+    # aborts it), so that torchrun or the scheduler can restart it; see docs/cluster.md.
+    collective_timeout_s: int = 600
 
 
 @dataclass
@@ -324,13 +345,14 @@ def validate(config: Config) -> None:
         ("training", "steps"), ("training", "seq_len"), ("training", "local_batch_size"),
         ("training", "grad_accum_steps"), ("training", "val_batches"), ("metrics", "log_every"),
         ("data", "vocab_size"), ("parallelism", "dp_replicate"), ("parallelism", "tp"),
-        ("parallelism", "pp"), ("parallelism", "cp"),
+        ("parallelism", "pp"), ("parallelism", "cp"), ("parallelism", "collective_timeout_s"),
     ]
     for section, key in positive:
         if getattr(getattr(config, section), key) < 1:
             fail(section, key, "it must be a positive integer")
     for section, key in [("training", "val_every"), ("checkpoint", "every"), ("checkpoint", "keep_last"),
-                         ("lr_scheduler", "warmup_steps"), ("training", "max_norm"), ("optimizer", "weight_decay")]:
+                         ("lr_scheduler", "warmup_steps"), ("training", "max_norm"), ("optimizer", "weight_decay"),
+                         ("job", "stall_factor"), ("job", "stall_abort_s")]:
         if getattr(getattr(config, section), key) < 0:
             fail(section, key, "it must be zero or positive")
     if config.parallelism.dp_shard < 1 and config.parallelism.dp_shard != -1:
@@ -446,6 +468,11 @@ def json_or_text(text: str, hint: Any) -> Any:
     """Interpret a command-line string for a field of type ``hint``."""
     if hint is str:
         return text
+    if typing.get_origin(hint) is types.UnionType:
+        try:
+            return json_or_text(text, bool)
+        except ValueError:
+            return text
     if hint is bool:
         lowered = text.lower()
         if lowered in ("true", "1", "yes", "on"):
@@ -457,6 +484,13 @@ def json_or_text(text: str, hint: Any) -> Any:
 
 
 def _convert(value: Any, hint: Any) -> Any:
+    if typing.get_origin(hint) is types.UnionType:  # bool | str: a flag that also takes a word ("auto")
+        for option in typing.get_args(hint):
+            try:
+                return _convert(value, option)
+            except TypeError:
+                pass
+        raise TypeError
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -486,6 +520,8 @@ def _convert(value: Any, hint: Any) -> Any:
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is list:
         return f"list of {_type_name(typing.get_args(hint)[0])}"
+    if typing.get_origin(hint) is types.UnionType:
+        return " or ".join(_type_name(option) for option in typing.get_args(hint))
     return {bool: "boolean (true/false)", int: "integer", float: "finite number", str: "string"}.get(hint, str(hint))
 
 

@@ -275,15 +275,19 @@ def read_dcp_model_state(checkpoint: str | Path, model_args: ModelArgs,
     No process group is needed (``dcp.load(..., no_dist=True)``); only the model's tensors are
     read, not the optimizer state. Keys are our parameter names. The ``.metadata`` pickle is read
     through the trainer's allow-list reader (``checkpoint.SafeFileSystemReader``): no code it names runs.
+    Every file's size and checksum is verified first, as at resume (``DamagedCheckpointError``).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from torchtrain.checkpoint import SafeFileSystemReader
+    from torchtrain.checkpoint import DamagedCheckpointError, SafeFileSystemReader, verify_files
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / ".metadata").is_file():
         raise ValueError(f"{checkpoint} is not a checkpoint folder (no .metadata file)")
+    problems = verify_files(checkpoint)
+    if problems:
+        raise DamagedCheckpointError(f"checkpoint {checkpoint}: " + "; ".join(problems))
     stored = SafeFileSystemReader(checkpoint).read_metadata().state_dict_metadata
     shapes = {name: tuple(t.shape) for name, t in _whole_meta(model_args).state_dict().items()}
     state: dict[str, Tensor] = {}

@@ -24,8 +24,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from torchtrain.checks import check_run
-from torchtrain.checkpoint import CheckpointManager, IntState, ModelAndOptimizer, RNGState, model_record
+from torchtrain.checkpoint import (CheckpointManager, IntState, ModelAndOptimizer, RNGState, check_resume, model_record,
+                                   run_record)
 from torchtrain.config import Config, ConfigError, load_config, parse_args, recipe_help
+from torchtrain.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
+from torchtrain.watchdog import StepWatchdog
 from torchtrain.data import Batch, TokenLoader, build_datasets
 from torchtrain.metrics import (MetricsLogger, StepScalars, ThroughputMeter, device_peak_flops, peak_memory_bytes,
                                 rank_step_times)
@@ -78,14 +81,19 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(path, overrides)
         train(config)
     except (ConfigError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank finds the same mistake: say it once
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
 
 
 def train(config: Config) -> TrainResult:
     device = pick_device(config)
     created_group = not dist.is_initialized()
-    init_distributed(device)
+    init_distributed(device, config.parallelism.collective_timeout_s)
     try:
         return _train(config, device)
     finally:
@@ -97,6 +105,7 @@ def _train(config: Config, device: torch.device) -> TrainResult:
     rank = dist.get_rank()
     model_args = model_args_for(config, device)
     dims = check_run(config, model_args, dist.get_world_size(), device)  # before anything is written or built
+    check_resume(config, model_record(config.model.name, model_args))
     output_dir = Path(config.job.output_dir)
     setup_logging(output_dir, rank)
     if rank == 0:
@@ -124,14 +133,16 @@ def _train(config: Config, device: torch.device) -> TrainResult:
     if config.checkpoint.enabled:
         checkpoints = CheckpointManager(output_dir / config.checkpoint.folder, config.checkpoint.keep_last,
                                         config.checkpoint.async_mode, model_record(config.model.name, model_args),
-                                        optimizer)
+                                        optimizer, run_record(config),
+                                        start_over=config.checkpoint.resume is False and config.checkpoint.overwrite)
     start_step = 0
-    if config.checkpoint.resume:
-        resumed = checkpoints.load_newest_intact(state) if checkpoints else None
-        if resumed is None:
-            logger.info("checkpoint.resume is set but there is no checkpoint yet; starting from step 0")
-        else:
+    if checkpoints and config.checkpoint.resume is not False:
+        if checkpoints.load_newest_intact(state) is not None:
             start_step = state["step"].obj.step
+            if start_step >= config.training.steps:
+                logger.warning("resumed at step %d of %d: nothing left to train (raise training.steps, or start "
+                               "over with --checkpoint.resume false --checkpoint.overwrite true)", start_step,
+                               config.training.steps)
     if config.checkpoint.initial_load_path and start_step == 0:  # start from a Hugging Face model's weights
         from torchtrain.hf_checkpoint import load_hf_weights
         load_hf_weights(model, config.checkpoint.initial_load_path, model_args)
@@ -147,6 +158,8 @@ def _train(config: Config, device: torch.device) -> TrainResult:
     scalars = StepScalars()
     profiler = StepProfiler(config.profiling, output_dir, rank, device)
     profiler.start(start_step + 1)
+    preemption = PreemptionWatch(config.job.preemption_signals)
+    watchdog = StepWatchdog(config.job.stall_factor, config.job.stall_abort_s, rank)
     try:
         for step in range(start_step + 1, config.training.steps + 1):
             is_last = step == config.training.steps
@@ -154,12 +167,14 @@ def _train(config: Config, device: torch.device) -> TrainResult:
             validates = config.training.val_every and (step % config.training.val_every == 0 or is_last)
             saves = checkpoints and (is_last or (config.checkpoint.every and step % config.checkpoint.every == 0))
             started = time.perf_counter()
+            watchdog.step_started(step)
             with profiler.step(step):
                 microbatches = [shard_for_cp(to_device(next(batches), device))
                                 for _ in range(config.training.grad_accum_steps)]
                 scalars.add(step, *train_step(parts, optimizer, microbatches, config, loss_group, autocast))
                 if logs or validates or saves:  # the one wait for the device, inside the timed step
                     record_scalars(scalars.read(), result, checkpoints)
+            watchdog.step_finished()
             lr = lr_schedule.last_lr()
             lr_schedule.step()
             state["step"].obj.step = step
@@ -185,9 +200,21 @@ def _train(config: Config, device: torch.device) -> TrainResult:
                 metrics.log(step, config.training.steps, figures)
             if saves:
                 checkpoints.save(step, state)
+            if preemption.requested():  # every rank gets the same answer, after the same step
+                saved = None
+                if checkpoints:
+                    if not saves:
+                        checkpoints.save(step, state)
+                    checkpoints.close()
+                    saved = str(checkpoints.latest()[1])
+                logger.warning("%s at step %d: %s", preemption.signal_name, step,
+                               f"saved {saved}" if saved else "checkpoints are off, nothing saved")
+                raise Preempted(step, preemption.signal_name, saved)
         if checkpoints:
             checkpoints.close()  # commit a background save before reporting the run done
     finally:
+        watchdog.close()
+        preemption.close()
         profiler.stop()
         metrics.close()
     if rank == 0 and config.metrics.tensorboard:
@@ -288,8 +315,8 @@ def record_scalars(values: dict[int, tuple[float, float]], result: TrainResult, 
             raise TrainingDiverged(
                 f"step {step}: loss {loss} / gradient norm {norm} is not finite, so the optimizer did not apply "
                 f"it and training stopped. The last good checkpoint is {last[1] if last else '(none saved yet)'}; "
-                "try a lower optimizer.lr or more lr_scheduler.warmup_steps, then resume from it with "
-                "--checkpoint.resume true.")
+                "try a lower optimizer.lr or more lr_scheduler.warmup_steps and run again: it resumes from there "
+                "(checkpoint.resume = \"auto\").")
         result.losses[step], result.grad_norms[step] = loss, norm
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ FLATTENED_DIMS = {"dp": ("dp_replicate", "dp_shard"), "dp_cp": ("dp_replicate", 
                   "dp_shard_cp": ("dp_shard", "cp")}
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device, timeout_s: float = 600) -> None:
     """Join the job's process group, or make a one-process group when not launched by torchrun.
 
     Running every job (even one process) inside a process group keeps one code path: DCP, the
@@ -32,10 +33,30 @@ def init_distributed(device: torch.device) -> None:
     if dist.is_initialized():
         return
     backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+    # A collective still waiting after the timeout fails (NCCL's watchdog aborts the process; gloo raises).
+    timeout = datetime.timedelta(seconds=timeout_s)
     if "RANK" in os.environ:
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=_attempt_store(rank, world_size, timeout), rank=rank,
+                                world_size=world_size, device_id=device if device.type == "cuda" else None,
+                                timeout=timeout)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The launcher's key-value store, seen through a prefix of its own for this attempt of the job.
+
+    NOTE: torchrun's restarts (``--max-restarts``) start the new workers on the same agent store as the
+    failed attempt (torch 2.13: the same MASTER_PORT, the old keys still there), so the process group
+    of the new attempt read the dead workers' addresses and failed to connect. A prefix per attempt
+    (``TORCHELASTIC_RESTART_COUNT``) keeps each attempt's rendezvous keys apart. Under torchrun the agent
+    hosts the store; under other launchers that set the same variables, rank 0 does.
+    """
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not hosted_by_agent and rank == 0, timeout=timeout)
+    return dist.PrefixStore(f"torchtrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 @dataclass(frozen=True)
