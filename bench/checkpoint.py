@@ -28,6 +28,10 @@ and 2 cores; the async save also stages a full copy of the state in memory).
   ``DONTNEED`` is a request the kernel may partly ignore (pages still mapped or dirty stay), and the
   storage under a virtual disk may have its own cache: a "cold" read far above the disk's write speed
   betrays either, so treat cold figures as an upper bound of a truly cold read.
+* checksums: each save records every file's size and CRC-32 (``own_file_checksums``, run by the rank
+  that wrote the file, right after its writes, inside ``save`` above); timed again on its own, right after
+  the saves (the pages still cached, as in a save), and as a share of the save. A resume verifies them
+  first (``verify_files``): timed after the same eviction as a cold load, as a share of the cold load.
 * async stall: ``CheckpointManager(async_mode="async").save()`` starts copying the state to CPU
   memory ("staging") and writing it, both in the background, and returns; the next step's optimizer
   step waits for the copy to finish. ``last_blocked_s`` is how long the two held the training loop
@@ -187,7 +191,7 @@ def build(opts: argparse.Namespace):
 
 
 def run(opts: argparse.Namespace) -> dict:
-    from torchtrain.checkpoint import CheckpointManager
+    from torchtrain.checkpoint import CheckpointManager, own_file_checksums, verify_files
 
     built = build(opts)
     state, step = built["state"], built["step"]
@@ -215,8 +219,16 @@ def run(opts: argparse.Namespace) -> dict:
     disk_writes.append(disk_write(disk_file, ckpt_bytes))  # one disk write after the last save too
     print(f"  disk writes: {', '.join(f'{s:.2f}s' for s in disk_writes)}", flush=True)
 
-    loads_cold, loads_warm, reads_cold, reads_warm = [], [], [], []
+    loads_cold, loads_warm, reads_cold, reads_warm, sums, verifies = [], [], [], [], [], []
     for _ in range(opts.repeats):
+        started = time.perf_counter()  # what a save adds after its writes (pages still cached), inside save above
+        own_file_checksums(last, 0)
+        sums.append(time.perf_counter() - started)
+        _evict(last)
+        started = time.perf_counter()  # what a resume adds before its reads, files cold
+        problems = verify_files(last)
+        verifies.append(time.perf_counter() - started)
+        assert not problems, problems
         _evict(disk_file)
         reads_cold.append(disk_read(disk_file))
         reads_warm.append(disk_read(disk_file))
@@ -266,6 +278,9 @@ def run(opts: argparse.Namespace) -> dict:
                   "step_during_write_s": step_during, "wait_s": waits, "total_s": totals,
                   "gb_per_s_end_to_end": gb / med(totals)},
         "save_fraction_of_disk": (gb / med(saves)) / (gb / med(disk_writes)),
+        "checksums_at_save": {"seconds": sums, "gb_per_s": gb / med(sums), "fraction_of_save": med(sums) / med(saves)},
+        "verify_cold": {"seconds": verifies, "gb_per_s": gb / med(verifies),
+                        "fraction_of_load_cold": med(verifies) / med(loads_cold)},
     }
 
 
@@ -292,7 +307,8 @@ def _print_table(report: dict) -> None:
           f"{report['machine']['threads']} threads, {report['machine']['cpu']}")
     rows = [("save (CheckpointManager, sync)", r["save"]), ("disk sequential write + fsync", r["disk_write"]),
             ("load cold (after fadvise DONTNEED)", r["load_cold"]), ("disk read cold", r["disk_read_cold"]),
-            ("load warm (page cache)", r["load_warm"]), ("disk read warm (page cache)", r["disk_read_warm"])]
+            ("load warm (page cache)", r["load_warm"]), ("disk read warm (page cache)", r["disk_read_warm"]),
+            ("CRC-32 of the files after a save", r["checksums_at_save"]), ("verify before a load (cold)", r["verify_cold"])]
     print(f"{'':38s} {'GB/s':>7s} {'median s':>9s}  runs (s)")
     for label, row in rows:
         secs = row["seconds"]
@@ -304,6 +320,8 @@ def _print_table(report: dict) -> None:
     print(f"async save: blocked {' '.join(f'{x:.3f}' for x in a['blocked_s'])}s; step during the background write "
           f"{' '.join(f'{x:.2f}' for x in a['step_during_write_s'])}s; wait() {' '.join(f'{x:.2f}' for x in a['wait_s'])}s; "
           f"end to end {a['gb_per_s_end_to_end']:.2f} GB/s")
+    print(f"checksums: {100 * r['checksums_at_save']['fraction_of_save']:.0f}% of a save's time (included in it); "
+          f"verifying: {100 * r['verify_cold']['fraction_of_load_cold']:.0f}% of a cold load's time (before it)")
     print("page cache: 'cold' figures follow posix_fadvise(DONTNEED) per file; if they exceed what the disk can do, "
           "the kernel kept pages and they are warm reads in disguise.")
     for line in report["verdicts"]:
