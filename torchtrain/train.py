@@ -145,7 +145,10 @@ def _train(config: Config, device: torch.device) -> TrainResult:
                                config.training.steps)
     if config.checkpoint.initial_load_path and start_step == 0:  # start from a Hugging Face model's weights
         from torchtrain.hf_checkpoint import load_hf_weights
-        load_hf_weights(model, config.checkpoint.initial_load_path, model_args)
+        try:
+            load_hf_weights(model, config.checkpoint.initial_load_path, model_args)
+        except ValueError as e:  # a tensor missing, unexpected or of another shape: the folder's, named in e
+            raise ConfigError(f"{config.source}: checkpoint.initial_load_path: {e}") from None
 
     # Mixed precision without FSDP is autocast; with FSDP its MixedPrecisionPolicy casts parameters.
     autocast = (torch.autocast(device.type, dtype=param_dtype)
