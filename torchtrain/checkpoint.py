@@ -58,13 +58,6 @@ def check_checkpoint(config: Config) -> None:
     check_choice(config, "checkpoint", "async_mode", ASYNC_MODES)
     if config.checkpoint.resume not in (True, False, "auto"):
         raise invalid(config, "checkpoint", "resume", "valid choices: 'auto', true, false")
-    if config.checkpoint.initial_load_path:  # its index or header only: no tensor is read here
-        from torchtrain.hf_checkpoint import hf_weight_files
-
-        try:
-            hf_weight_files(config.checkpoint.initial_load_path)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: safetensors' header errors
-            raise invalid(config, "checkpoint", "initial_load_path", str(e)) from None
     if config.checkpoint.overwrite and config.checkpoint.resume is not False:
         raise invalid(config, "checkpoint", "overwrite",
                       "it deletes the folder's checkpoints, so it needs checkpoint.resume = false")

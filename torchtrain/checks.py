@@ -13,6 +13,7 @@ import torch
 
 from torchtrain.checkpoint import check_checkpoint
 from torchtrain.config import Config, ConfigError, check_choice
+from torchtrain.hf_checkpoint import check_initial_load_path
 from torchtrain.models.attention import BACKENDS, masks_of_call
 from torchtrain.models.llama import ModelArgs
 from torchtrain.optim import check_optimizer
@@ -47,6 +48,7 @@ def check_run(config: Config, model_args: ModelArgs, world_size: int, device: to
     check_optimizer(config)
     check_checkpoint(config)
     check_preemption(config)
+    check_initial_load_path(config)
     check_compile(config)
     check_float8(config, device)
     check_profiling(config, device)

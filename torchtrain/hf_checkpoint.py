@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from torchtrain.config import Config, invalid
 from torchtrain.models.hf import (SCHEMES, PackedShapeError, hf_config, hf_source, model_args_from_hf_config,
                                   scheme_of, to_hf_state_dict, unpack_qkv)
 from torchtrain.models.llama import ModelArgs, Transformer
@@ -76,6 +77,17 @@ def hf_weight_files(folder: str | Path) -> dict[str, str]:
         with safe_open(single, framework="pt", device="cpu") as f:
             return {key: SINGLE_FILE for key in f.keys()}
     raise ValueError(f"{folder} is not a Hugging Face model folder: it has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def check_initial_load_path(config: Config) -> None:
+    """Refuse a ``checkpoint.initial_load_path`` that is not a Hugging Face model folder, from its index or
+    its file's header (no tensor is read)."""
+    if not config.checkpoint.initial_load_path:
+        return
+    try:
+        hf_weight_files(config.checkpoint.initial_load_path)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: safetensors' header errors
+        raise invalid(config, "checkpoint", "initial_load_path", str(e)) from None
 
 
 def _check_config(folder: Path, args: ModelArgs) -> None:
