@@ -26,13 +26,13 @@ def warnings_as_errors() -> str:
     return ",".join([f"error:::{module}" for module in modules] + [f"error:{m}" for m in FIXED_DEPRECATIONS])
 
 
-def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600, launch: tuple[str, ...] = ("--standalone",),
-             check: bool = True) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600,
+             launch: tuple[str, ...] = ("--standalone",), check: bool = True) -> subprocess.CompletedProcess:
     """Run ``script`` on ``nproc`` local processes; raise with the combined output if it fails (``check``).
 
     ``launch``: torchrun's own options (rendezvous, restarts); ``--standalone`` by default."""
-    proc = subprocess.run(_command(nproc, script, args, launch), cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(torchrun_command(nproc, script, args, launch), cwd=REPO, env=worker_env(),
+                          capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")
@@ -46,8 +46,8 @@ def torchrun_nodes(nnodes: int, nproc: int, script: str | Path, *args: str, time
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launch = (f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test")
-    agents = [subprocess.Popen(_command(nproc, script, args, launch), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True) for _ in range(nnodes)]
+    agents = [subprocess.Popen(torchrun_command(nproc, script, args, launch), cwd=REPO, env=worker_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(nnodes)]
     outputs = [agent.communicate(timeout=timeout)[0] for agent in agents]
     if any(agent.returncode != 0 for agent in agents):
         raise AssertionError("\n".join(f"agent {i} ({agent.returncode}):\n{out[-4000:]}"
@@ -55,11 +55,13 @@ def torchrun_nodes(nnodes: int, nproc: int, script: str | Path, *args: str, time
     return outputs
 
 
-def _env() -> dict[str, str]:
+def worker_env() -> dict[str, str]:
+    """The environment of a test's torchrun: one thread per process, this checkout importable, our warnings fatal."""
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS=warnings_as_errors())
 
 
-def _command(nproc: int, script: str | Path, args, launch) -> list[str]:
+def torchrun_command(nproc: int, script: str | Path, args, launch) -> list[str]:
+    """The torchrun command line that starts ``script`` on ``nproc`` processes with torchrun's options ``launch``."""
     return [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}", str(script),
             *map(str, args)]
 

@@ -137,8 +137,10 @@ def test_a_rerun_resumes_its_own_run_and_never_clobbers_another(tmp_path):
         (["--data.dataset", str(tmp_path / "other.txt")], r"data.dataset: checkpoint 'stdlib', recipe '.*other.txt'"),
         (["--checkpoint.resume", "false"], r"checkpoint.resume = false would start over in .*checkpoints, which holds "
                                            r"3 checkpoint\(s\) \(newest step-00000006\).*--checkpoint.overwrite true"),
-        (["--checkpoint.overwrite", "true"], r"checkpoint.overwrite = True is invalid; .*needs checkpoint.resume = false"),
-        (["--checkpoint.resume", "maybe"], r"checkpoint.resume = 'maybe' is invalid; valid choices: 'auto', true, false"),
+        (["--checkpoint.overwrite", "true"],
+         r"checkpoint.overwrite = True is invalid; .*needs checkpoint.resume = false"),
+        (["--checkpoint.resume", "maybe"],
+         r"checkpoint.resume = 'maybe' is invalid; valid choices: 'auto', true, false"),
     ]:
         with pytest.raises(ConfigError, match=message):
             run(tmp_path, "--training.steps", "8", *overrides)

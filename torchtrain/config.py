@@ -64,7 +64,9 @@ class Model:
 
 @dataclass
 class Data:
-    dataset: str = "stdlib"  # "stdlib" (the Python standard library's sources), or a .txt/.jsonl file, folder or glob
+    # "stdlib" (the Python standard library's sources), a .txt/.jsonl file, folder or glob (tokenised at the first
+    # start and cached), or a folder written by `python -m torchtrain.data.prepare` (tokenised ahead, in parallel).
+    dataset: str = "stdlib"
     text_field: str = "text"  # field holding the text in .jsonl records
     tokenizer: str = "default"  # "default" (byte-level BPE trained once on the corpus) or a tokenizer.json path
     vocab_size: int = 8192  # vocabulary size of the default tokenizer

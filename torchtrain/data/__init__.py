@@ -6,6 +6,8 @@ Follow a batch from disk to the model in four small modules:
   files, folders or globs, and the fingerprint that keys every cache entry built from them;
 - :mod:`~torchtrain.data.tokenizer`: any ``tokenizer.json``, or the default byte-level BPE trained once;
 - :mod:`~torchtrain.data.shards`: the corpus tokenised once into train / validation token streams;
+- :mod:`~torchtrain.data.prepare` (a command) and :mod:`~torchtrain.data.prepared`: a corpus tokenised ahead
+  by N processes into shards and a manifest, and those shards opened as the same token streams;
 - :mod:`~torchtrain.data.loader`: packing into ``Batch`` es (labels, document ids, positions) and the
   stateful data-parallel ``TokenLoader``; ``build_datasets`` strings the steps together for the trainer.
 """

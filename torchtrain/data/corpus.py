@@ -95,13 +95,18 @@ class Corpus:
 
     def documents(self) -> Iterator[str]:
         """Yield every document's text, in corpus order (document index = position in this stream)."""
+        for _, texts in self.documents_by_file():
+            yield from texts
+
+    def documents_by_file(self) -> Iterator[tuple[Path, Iterator[str]]]:
+        """Each file and the texts of its documents (read lazily), in corpus order."""
         quiet = self.spec == DEFAULT_CORPUS
         for path in self.files:
             opener, inner = _decompressor(path)
             if inner == ".jsonl":
-                yield from _jsonl_documents(path, self.text_field, opener, quiet)
+                yield path, _jsonl_documents(path, self.text_field, opener, quiet)
             else:
-                yield _read_text(path, opener, quiet)
+                yield path, iter((_read_text(path, opener, quiet),))
 
     @cached_property
     def fingerprint(self) -> str:

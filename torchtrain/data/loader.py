@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from torchtrain.data.corpus import DEFAULT_CORPUS, open_corpus
+from torchtrain.data.prepared import is_prepared, open_prepared
 from torchtrain.data.shards import TokenStream, build_shards
 from torchtrain.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer, load_tokenizer
 from torchtrain.loss import IGNORE_INDEX  # noqa: F401 - also re-exported for the data tests
@@ -193,6 +194,17 @@ def build_datasets(dataset: str = DEFAULT_CORPUS, text_field: str = "text", toke
     so the default tokenizer is the same whichever dataset a run uses). Every rank may call this at
     once; file locks make one process build each cache entry while the others wait for it.
     """
+    if is_prepared(dataset):  # tokenised ahead by torchtrain.data.prepare: nothing to read or build here
+        if tokenizer_spec == DEFAULT_TOKENIZER:
+            tokenizer = load_tokenizer(DEFAULT_TOKENIZER, vocab_size=vocab_size, cache_dir=cache_dir,
+                                       corpus=open_corpus(tokenizer_corpus or DEFAULT_CORPUS, text_field))
+        else:
+            tokenizer = load_tokenizer(tokenizer_spec)
+        streams = open_prepared(dataset, tokenizer)
+        logger.info("data: %s; prepared %r; train %s tokens in %s documents, val %s tokens in %s documents",
+                    tokenizer, dataset, f"{streams['train'].num_tokens:,}", f"{streams['train'].num_documents:,}",
+                    f"{streams['val'].num_tokens:,}", f"{streams['val'].num_documents:,}")
+        return tokenizer, streams["train"], streams["val"]
     corpus = open_corpus(dataset, text_field)
     if tokenizer_spec == DEFAULT_TOKENIZER:
         source = corpus if (tokenizer_corpus or DEFAULT_CORPUS) == dataset else open_corpus(
