@@ -111,7 +111,7 @@ def test_missing_paths_explain_what_is_accepted(tmp_path):
         assert spec in message and '"stdlib"' in message and ".jsonl" in message and "glob" in message
         assert "\n" not in message
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="holds no .txt or .jsonl files"):
+    with pytest.raises(FileNotFoundError, match="holds no .txt, .jsonl, .json, .parquet files"):
         open_corpus(str(tmp_path / "empty"))
 
 
@@ -443,11 +443,36 @@ def test_compressed_files_read_as_their_text(tmp_path, suffix, compress):
     assert list(open_corpus(tmp_path).documents()) == [f"document {i} \u00e9" for i in range(3)] + ["one whole document"]
 
 
+def test_parquet_zstd_and_json_sources_read_as_their_documents(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+    import zstandard
+
+    pyarrow.parquet.write_table(pyarrow.table({"id": [1, 2], "body": ["row one \u00e9", "row two"]}),
+                                tmp_path / "a.parquet")
+    lines = "".join(json.dumps({"body": f"zstd {i}"}) + "\n" for i in range(2)).encode()
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    (tmp_path / "c.json").write_text(json.dumps([{"body": "array 0"}, {"body": "array 1"}]))
+    (tmp_path / "d.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(b"a whole zstd text"))
+    assert list(open_corpus(tmp_path, "body").documents()) == [
+        "row one \u00e9", "row two", "zstd 0", "zstd 1", "array 0", "array 1", "a whole zstd text"]
+    with pytest.raises(ValueError, match=r"a.parquet: no column 'text' \(it has: \['id', 'body'\]\)"):
+        list(open_corpus(tmp_path / "a.parquet").documents())
+
+
 def test_files_that_are_not_text_are_refused_by_name(tmp_path):
-    zst = tmp_path / "data.jsonl.zst"
-    zst.write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 16)
-    with pytest.raises(ValueError, match=r"data.jsonl.zst is zstd-compressed, which \[data\].dataset does not read"):
-        list(open_corpus(zst).documents())
+    archive = tmp_path / "data.zip"
+    archive.write_bytes(b"PK\x03\x04" + b"\0" * 16)
+    with pytest.raises(ValueError, match=r"data.zip is a zip archive, which \[data\].dataset does not read"):
+        list(open_corpus(archive).documents())
+    garbled = tmp_path / "data.jsonl.zst"
+    garbled.write_bytes(b"\x28\xb5\x2f\xfd" + b"\xff" * 16)
+    with pytest.raises(ValueError, match=r"data.jsonl.zst could not be read as zstd-compressed text"):
+        list(open_corpus(garbled).documents())
+    fake = tmp_path / "table.parquet"
+    fake.write_bytes(b"PAR1\0\0PAR1")
+    with pytest.raises(ValueError, match=r"table.parquet could not be read as Parquet"):
+        list(open_corpus(fake).documents())
     binary = tmp_path / "weights.txt"
     binary.write_bytes(b"abc\0\x01\x02")
     with pytest.raises(ValueError, match=r"weights.txt holds binary data \(a NUL byte"):

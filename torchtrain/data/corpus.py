@@ -7,16 +7,21 @@ into a :class:`Corpus`:
   interpreter runs on (``sysconfig.get_paths()["stdlib"]``, without ``site-packages``), one file per
   document, in sorted path order. About 1,800 files / 31 MB of real text on CPython 3.11; nothing is
   downloaded and nothing is copied into the repository.
-- a ``.jsonl`` file: one document per non-blank line, the text in field ``text_field``;
+- a ``.jsonl`` file: one document per non-blank line, the text in field ``text_field``; a ``.json`` file
+  likewise, or one top-level array of such records;
+- a ``.parquet`` file: one document per row, the text in column ``text_field`` (read with ``pyarrow``, a
+  batch of rows at a time);
 - any other file (``.txt``, ``.md``, ...): the whole file is one document;
-- a directory: every ``.txt`` and ``.jsonl`` file below it, recursively, in sorted path order;
+- a directory: every ``.txt``, ``.jsonl``, ``.json`` and ``.parquet`` file below it, recursively, in sorted
+  path order;
 - a glob pattern (``data/**/*.jsonl``): the matching files, sorted.
 
-Each file may be compressed with gzip, bzip2 or xz (``.jsonl.gz``, ``.txt.xz``, ...: read through the
-standard library's decompressors); other compressed or binary files (``.zst``, ``.zip``, ``.parquet``, or
-a NUL byte in the first 8 KiB) are refused by name rather than trained on as bytes. Text that is not
-valid UTF-8 is decoded with U+FFFD in place of the bad bytes and one warning per file saying how many
-(quietly for the embedded corpus, a few of whose test files are deliberately not UTF-8).
+Each text file may be compressed with gzip, bzip2, xz (the standard library's decompressors) or zstd
+(``zstandard``): ``.jsonl.gz``, ``.txt.zst``, ...; other archives and binary files (``.zip``, ``.tar``,
+``.arrow``, ``.bin``, or a NUL byte in the first 8 KiB) are refused by name rather than trained on as bytes.
+Text that is not valid UTF-8 is decoded with U+FFFD in place of the bad bytes and one warning per file
+saying how many (quietly for the embedded corpus, a few of whose test files are deliberately not UTF-8).
+A folder written by ``python -m torchtrain.data.prepare`` is opened by :mod:`~torchtrain.data.prepared`.
 
 Everything derived from a corpus (tokenizer, token shards) is cached under :func:`resolve_cache_dir`
 and keyed by :meth:`Corpus.fingerprint`, a hash of the relative paths, sizes and contents of its files.
@@ -33,6 +38,7 @@ import fcntl
 import glob
 import gzip
 import hashlib
+import io
 import json
 import logging
 import lzma
@@ -44,15 +50,23 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import zstandard
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CORPUS = "stdlib"
-DIRECTORY_SUFFIXES = (".txt", ".jsonl")
-DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+DIRECTORY_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")  # one document per record, its text in [data].text_field
+
+
+def _zstd_open(path: Path, mode: str = "rb"):
+    # NOTE: buffered, so that a reader can peek at the first bytes (the binary check) and read lines.
+    return io.BufferedReader(zstandard.open(path, mode))
+
+
+DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": _zstd_open, ".zstd": _zstd_open}
 # Formats that look like data but are not text this reader can decode: refused by name.
-REFUSED_SUFFIXES = {".zst": "zstd-compressed", ".zstd": "zstd-compressed", ".zip": "a zip archive",
-                    ".tar": "a tar archive", ".7z": "a 7z archive", ".parquet": "Parquet", ".arrow": "Arrow",
+REFUSED_SUFFIXES = {".zip": "a zip archive", ".tar": "a tar archive", ".7z": "a 7z archive", ".arrow": "Arrow",
                     ".npy": "a NumPy array", ".bin": "binary", ".pt": "a torch file"}
 # Bump when the meaning of a fingerprint changes (e.g. how files are turned into documents).
 _FINGERPRINT_VERSION = 1
@@ -64,10 +78,12 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 def _accepted(spec: str) -> str:
     return (
         f'[data].dataset accepts "{DEFAULT_CORPUS}" (the Python standard library\'s own .py sources on this '
-        f"machine, the default), a .txt file (one document), a .jsonl file (one document per line, the text "
-        f"in the field named by [data].text_field), a directory (all {' and '.join(DIRECTORY_SUFFIXES)} files "
-        f"below it, recursively), or a glob pattern such as 'data/**/*.jsonl'; files may be compressed with "
-        f"gzip, bzip2 or xz (.jsonl.gz, .txt.xz, ...). Relative paths are resolved "
+        f"machine, the default), a .txt file (one document), a .jsonl or .json file (one document per line, or a "
+        f".json array of records; the text in the field named by [data].text_field), a .parquet file (one "
+        f"document per row, the text in the column [data].text_field), a directory (all "
+        f"{', '.join(DIRECTORY_SUFFIXES)} files below it, recursively), a glob pattern such as "
+        f"'data/**/*.jsonl', or a folder written by python -m torchtrain.data.prepare; text files may be "
+        f"compressed with gzip, bzip2, xz or zstd (.jsonl.gz, .txt.zst, ...). Relative paths are resolved "
         f"from the current directory ({os.getcwd()})."
     )
 
@@ -103,7 +119,9 @@ class Corpus:
         quiet = self.spec == DEFAULT_CORPUS
         for path in self.files:
             opener, inner = _decompressor(path)
-            if inner == ".jsonl":
+            if inner == ".parquet":
+                yield path, _parquet_documents(path, self.text_field)
+            elif inner in (".jsonl", ".json"):
                 yield path, _jsonl_documents(path, self.text_field, opener, quiet)
             else:
                 yield path, iter((_read_text(path, opener, quiet),))
@@ -117,7 +135,7 @@ class Corpus:
         """
         digest = hashlib.blake2b(digest_size=16)
         digest.update(f"torchtrain-corpus-v{_FINGERPRINT_VERSION}\0".encode())
-        if any(p.suffix == ".jsonl" for p in self.files):
+        if any(_decompressor(p)[1] in RECORD_SUFFIXES for p in self.files):
             digest.update(f"text_field={self.text_field}\0".encode())
         for path in self.files:
             data = path.read_bytes()
@@ -182,7 +200,7 @@ def open_corpus(spec: str | os.PathLike = DEFAULT_CORPUS, text_field: str = "tex
                  if f.endswith(suffixes)]
         if not files:
             raise FileNotFoundError(
-                f"Dataset directory {spec!r} ({root}) holds no {' or '.join(DIRECTORY_SUFFIXES)} files. "
+                f"Dataset directory {spec!r} ({root}) holds no {', '.join(DIRECTORY_SUFFIXES)} files. "
                 + _accepted(spec))
         return Corpus(spec, root, tuple(sorted(files, key=lambda p: p.relative_to(root).as_posix())), text_field)
     if _GLOB_CHARS & set(spec):
@@ -201,9 +219,14 @@ def _decompressor(path: Path):
     suffix = path.suffix.lower()
     if suffix in REFUSED_SUFFIXES:
         raise ValueError(f"{path} is {REFUSED_SUFFIXES[suffix]}, which [data].dataset does not read: give "
-                         f".txt or .jsonl files, plain or compressed with gzip, bzip2 or xz")
+                         f".txt, .jsonl or .json files (plain or compressed with gzip, bzip2, xz or zstd) or "
+                         f".parquet files")
     if suffix in DECOMPRESSORS:
-        return DECOMPRESSORS[suffix], Path(path.stem).suffix.lower()
+        inner = Path(path.stem).suffix.lower()
+        if inner == ".parquet":  # Parquet compresses inside the file; its reader needs to seek
+            raise ValueError(f"{path}: a compressed .parquet file; give the .parquet file itself (Parquet "
+                             "compresses its columns inside the file)")
+        return DECOMPRESSORS[suffix], inner
     return open, suffix
 
 
@@ -215,8 +238,9 @@ def _opened(path: Path, opener) -> Iterator:
             if b"\0" in f.peek(8192)[:8192]:  # every opener here buffers; peek reads nothing twice
                 raise ValueError(f"{path} holds binary data (a NUL byte in its first 8 KiB), not text")
             yield f
-    except (OSError, EOFError, lzma.LZMAError) as e:  # a damaged or mislabelled compressed file
-        kind = "text" if opener is open else f"{opener.__module__}-compressed text"
+    except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as e:  # a damaged or mislabelled compressed file
+        kind = "text" if opener is open else "zstd-compressed text" if opener is _zstd_open else \
+            f"{opener.__module__}-compressed text"
         raise ValueError(f"{path} could not be read as {kind} ({e})") from None
 
 
@@ -242,9 +266,33 @@ def _read_text(path: Path, opener=open, quiet: bool = False) -> str:
     return text
 
 
+def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+    """The strings of column ``text_field``, one document per row, read a batch of rows at a time."""
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise ValueError(f"{path} could not be read as Parquet ({e})") from None
+    columns = table.schema_arrow.names
+    if text_field not in columns:
+        raise ValueError(f"{path}: no column {text_field!r} (it has: {columns}); set [data].text_field to the "
+                         "column that holds the document text")
+    for batch in table.iter_batches(batch_size=1024, columns=[text_field]):
+        for row, text in enumerate(batch.column(0).to_pylist()):
+            if not isinstance(text, str):
+                raise ValueError(f"{path}: column {text_field!r} holds a {type(text).__name__}, not a string")
+            yield text
+
+
 def _jsonl_documents(path: Path, text_field: str, opener=open, quiet: bool = False) -> Iterator[str]:
+    """One document per JSON line; a ``.json`` file may instead hold one top-level array of records."""
     replaced = 0
     with _opened(path, opener) as f:  # streamed line by line: a file may be larger than memory
+        if _decompressor(path)[1] == ".json" and f.peek(64).lstrip()[:1] == b"[":
+            yield from _json_array_documents(path, f.read(), text_field)
+            return
         for lineno, raw in enumerate(f, start=1):
             line, bad = _decode(raw)
             replaced += bad
@@ -265,6 +313,20 @@ def _jsonl_documents(path: Path, text_field: str, opener=open, quiet: bool = Fal
                                  f"not a string")
             yield text
     _warn_replaced(path, replaced, quiet)
+
+
+def _json_array_documents(path: Path, data: bytes, text_field: str) -> Iterator[str]:
+    text, replaced = _decode(data)
+    _warn_replaced(path, replaced, False)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    for number, record in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise ValueError(f"{path}, record {number}: no string field {text_field!r}; set [data].text_field to "
+                             "the field that holds the document text")
+        yield record[text_field]
 
 
 # ----------------------------------------------------------------------------------------------
