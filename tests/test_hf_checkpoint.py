@@ -19,6 +19,7 @@ from launcher import REPO  # noqa: E402
 from test_hf_parity import TINY, _hf_model, _randomize  # noqa: E402
 from test_train import tiny  # noqa: E402
 from torchtrain.config import load_config  # noqa: E402
+from torchtrain.data import load_tokenizer  # noqa: E402
 from torchtrain.export import main as export_main  # noqa: E402
 from torchtrain.hf_checkpoint import export_hf, hf_weight_files, load_hf_weights  # noqa: E402
 from torchtrain.models import ModelArgs, Transformer, get_model_args, hf_config  # noqa: E402
@@ -253,7 +254,8 @@ def test_initial_load_path_and_export_cli(tmp_path):
 
     args = get_model_args("debug")
     start = _ours(args, seed=123)  # not the job seed's initialisation
-    export_hf(start.state_dict(), args, tmp_path / "start", "llama")
+    # A model folder carries its tokenizer; data.tokenizer "default" takes it (here the embedded one's file).
+    export_hf(start.state_dict(), args, tmp_path / "start", "llama", tokenizer_path=load_tokenizer("default").path)
 
     # lr 1e-30: the one optimizer step leaves the weights unchanged in fp32, so the checkpoint holds `start`.
     overrides = tiny(tmp_path / "run", "--training.steps", "1", "--lr_scheduler.warmup_steps", "0",
@@ -316,7 +318,8 @@ def test_import_into_sharded_layouts_trains_like_one_process(tmp_path, name):
     from launcher import torchrun
 
     args = get_model_args("debug")
-    export_hf(_ours(args, seed=123).state_dict(), args, tmp_path / "start", "llama", max_shard_bytes=2 * 2**20)
+    export_hf(_ours(args, seed=123).state_dict(), args, tmp_path / "start", "llama", max_shard_bytes=2 * 2**20,
+              tokenizer_path=load_tokenizer("default").path)
     assert len(set(hf_weight_files(tmp_path / "start").values())) > 2  # several shard files behind an index
 
     def losses(run: str, nproc: int, local_batch_size: int, *layout: str) -> dict:

@@ -103,3 +103,17 @@ def test_a_prepared_folder_refuses_another_tokenizer(prepared, tmp_path):
     other.write_text(Path(load_tokenizer("default").path).read_text() + "\n")  # other bytes, another identity
     with pytest.raises(ValueError, match="was prepared with the tokenizer .* set data.tokenizer to the one"):
         open_prepared(prepared, load_tokenizer(str(other)))
+
+
+def test_a_tokenizer_trained_on_the_users_corpus_travels_with_the_folder(corpus, tmp_path):
+    from torchtrain.data import build_datasets
+
+    out = tmp_path / "tokens"
+    manifest = prepare(str(corpus), "default", out, workers=1, val_fraction=VAL_FRACTION, train_tokenizer=400,
+                       tokenizer_sample_bytes=200_000)
+    assert manifest["tokenizer"]["vocab_size"] == 400 and (out / "tokenizer.json").is_file()
+    # data.tokenizer "default" on a prepared folder is the folder's own tokenizer, and its tokens are the folder's.
+    tokenizer, train, _ = build_datasets(str(out), tokenizer_spec="default", val_fraction=VAL_FRACTION)
+    assert tokenizer.vocab_size == 400 and tokenizer.content_hash == manifest["tokenizer"]["content_hash"]
+    first = train.document(0)
+    assert tokenizer.decode(first[:-1].tolist()) == next(open_corpus(str(corpus)).documents())

@@ -67,8 +67,11 @@ class Data:
     # "stdlib" (the Python standard library's sources), a .txt/.jsonl file, folder or glob (tokenised at the first
     # start and cached), or a folder written by `python -m torchtrain.data.prepare` (tokenised ahead, in parallel).
     dataset: str = "stdlib"
-    text_field: str = "text"  # field holding the text in .jsonl records
-    tokenizer: str = "default"  # "default" (byte-level BPE trained once on the corpus) or a tokenizer.json path
+    text_field: str = "text"  # field (.jsonl/.json records) or column (.parquet) holding the text
+    # A tokenizer.json, or a folder holding one (a Hugging Face model folder), or "default": the tokenizer of
+    # checkpoint.initial_load_path's model when the run starts from one, else a prepared data.dataset's own,
+    # else a byte-level BPE of data.vocab_size trained once on the standard library's sources and cached.
+    tokenizer: str = "default"
     vocab_size: int = 8192  # vocabulary size of the default tokenizer
     cache_dir: str = ""  # tokenizer and token shard cache; "" = $TORCHTRAIN_CACHE or ~/.cache/torchtrain
     val_fraction: float = 0.02  # fraction of documents held out for validation

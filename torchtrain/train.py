@@ -29,7 +29,7 @@ from torchtrain.checkpoint import (CheckpointManager, IntState, ModelAndOptimize
 from torchtrain.config import Config, ConfigError, load_config, parse_args, recipe_help
 from torchtrain.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from torchtrain.watchdog import StepWatchdog
-from torchtrain.data import Batch, TokenLoader, build_datasets
+from torchtrain.data import DEFAULT_TOKENIZER, Batch, TokenLoader, build_datasets
 from torchtrain.metrics import (MetricsLogger, StepScalars, ThroughputMeter, device_peak_flops, peak_memory_bytes,
                                 rank_step_times)
 from torchtrain.models import ModelArgs, Transformer
@@ -227,9 +227,16 @@ def _train(config: Config, device: torch.device) -> TrainResult:
 
 def build_data(config: Config, model_args: ModelArgs, dp_rank: int, dp_size: int):
     """The training loader and a factory of validation loaders, after checking the data fits the model."""
+    tokenizer_spec = config.data.tokenizer
+    if tokenizer_spec == DEFAULT_TOKENIZER and config.checkpoint.initial_load_path:
+        tokenizer_spec = config.checkpoint.initial_load_path  # continuing a model: its own tokenizer
+        if not (Path(tokenizer_spec) / "tokenizer.json").is_file():
+            raise ConfigError(f"{config.source}: data.tokenizer = 'default' takes the tokenizer of "
+                              f"checkpoint.initial_load_path, but {tokenizer_spec} has no tokenizer.json; set "
+                              "data.tokenizer to the model's tokenizer.json")
     try:
         tokenizer, train_stream, val_stream = build_datasets(
-            config.data.dataset, config.data.text_field, config.data.tokenizer, config.data.vocab_size,
+            config.data.dataset, config.data.text_field, tokenizer_spec, config.data.vocab_size,
             config.data.cache_dir, config.data.val_fraction,
         )
     except (FileNotFoundError, ValueError) as e:  # unusable data settings: one message, no traceback

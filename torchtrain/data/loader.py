@@ -26,13 +26,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from torchtrain.data.corpus import DEFAULT_CORPUS, open_corpus
-from torchtrain.data.prepared import is_prepared, open_prepared
+from torchtrain.data.prepared import TOKENIZER_FILE, is_prepared, open_prepared
 from torchtrain.data.shards import TokenStream, build_shards
 from torchtrain.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer, load_tokenizer
 from torchtrain.loss import IGNORE_INDEX  # noqa: F401 - also re-exported for the data tests
@@ -195,11 +196,8 @@ def build_datasets(dataset: str = DEFAULT_CORPUS, text_field: str = "text", toke
     once; file locks make one process build each cache entry while the others wait for it.
     """
     if is_prepared(dataset):  # tokenised ahead by torchtrain.data.prepare: nothing to read or build here
-        if tokenizer_spec == DEFAULT_TOKENIZER:
-            tokenizer = load_tokenizer(DEFAULT_TOKENIZER, vocab_size=vocab_size, cache_dir=cache_dir,
-                                       corpus=open_corpus(tokenizer_corpus or DEFAULT_CORPUS, text_field))
-        else:
-            tokenizer = load_tokenizer(tokenizer_spec)
+        tokenizer = load_tokenizer(Path(dataset) / TOKENIZER_FILE if tokenizer_spec == DEFAULT_TOKENIZER
+                                   else tokenizer_spec)
         streams = open_prepared(dataset, tokenizer)
         logger.info("data: %s; prepared %r; train %s tokens in %s documents, val %s tokens in %s documents",
                     tokenizer, dataset, f"{streams['train'].num_tokens:,}", f"{streams['train'].num_documents:,}",

@@ -42,9 +42,10 @@ from typing import Iterator
 import numpy as np
 
 from torchtrain.data.corpus import DEFAULT_CORPUS, Corpus, open_corpus, stable_unit_hash
-from torchtrain.data.prepared import MANIFEST, MANIFEST_FORMAT, is_prepared
+from torchtrain.data.prepared import MANIFEST, MANIFEST_FORMAT, TOKENIZER_FILE, is_prepared
 from torchtrain.data.shards import SPLITS, token_dtype, validation_mask
-from torchtrain.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer, load_tokenizer
+from torchtrain.data.tokenizer import (DEFAULT_TOKENIZER, Tokenizer, load_tokenizer, tokenizer_from_file, train_bpe,
+                                       training_subset)
 
 logger = logging.getLogger(__name__)
 
@@ -129,22 +130,37 @@ def _chunks(documents: Iterator[tuple[int, str, str]], skip: int) -> Iterator[li
 
 
 def prepare(dataset: str, tokenizer_spec: str, out: str | os.PathLike, workers: int = 1, text_field: str = "text",
-            val_fraction: float = 0.02, shard_tokens: int = 1 << 28, vocab_size: int = 8192) -> dict:
-    """Tokenise ``dataset`` into ``out`` (see the module docstring); return the manifest."""
+            val_fraction: float = 0.02, shard_tokens: int = 1 << 28, train_tokenizer: int = 0,
+            tokenizer_sample_bytes: int = 1 << 30) -> dict:
+    """Tokenise ``dataset`` into ``out`` (see the module docstring); return the manifest.
+
+    ``train_tokenizer``: instead of ``tokenizer_spec``, train a byte-level BPE of that many entries on about
+    ``tokenizer_sample_bytes`` of the corpus, spread evenly over it (``tokenizer.training_subset``).
+    """
     out = Path(out)
     if is_prepared(out):
         logger.info("%s is already prepared (its %s is there)", out, MANIFEST)
         return json.loads((out / MANIFEST).read_text())
     validation_mask(np.zeros(0, dtype=np.int64), val_fraction)  # checks the fraction
     corpus = open_corpus(dataset, text_field)
-    tokenizer = load_tokenizer(tokenizer_spec, vocab_size=vocab_size,
-                               corpus=open_corpus(DEFAULT_CORPUS) if tokenizer_spec == DEFAULT_TOKENIZER else None)
     out.mkdir(parents=True, exist_ok=True)
+    own = out / TOKENIZER_FILE
+    if train_tokenizer and not own.is_file():  # (an interrupted run keeps the one it trained)
+        logger.info("training a byte-level BPE (vocab %d) on about %.0f MB of %s", train_tokenizer,
+                    tokenizer_sample_bytes / 1e6, dataset)
+        _write_text(own, train_bpe(training_subset(corpus, tokenizer_sample_bytes), train_tokenizer).to_str())
+    if train_tokenizer:
+        tokenizer = tokenizer_from_file(own)
+    else:
+        tokenizer = load_tokenizer(tokenizer_spec, corpus=open_corpus(DEFAULT_CORPUS)
+                                   if tokenizer_spec == DEFAULT_TOKENIZER else None)
+        if not own.is_file():
+            _write_text(own, Path(tokenizer.path).read_text())  # the folder carries the tokenizer it was made with
     settings = {"dataset": dataset, "text_field": text_field, "tokenizer_hash": tokenizer.content_hash,
                 "val_fraction": val_fraction, "shard_tokens": shard_tokens}
     progress = _read_progress(out, settings)
     keep = {f"{shard['name']}{suffix}" for split in SPLITS for shard in progress["shards"][split]
-            for suffix in (".bin", ".idx.npy", ".doc_index.npy")} | {_PROGRESS}
+            for suffix in (".bin", ".idx.npy", ".doc_index.npy")} | {_PROGRESS, TOKENIZER_FILE}
     for leftover in out.iterdir():  # an interrupted shard: written again from its first document
         if leftover.name not in keep:
             leftover.unlink()
@@ -208,7 +224,8 @@ def prepare(dataset: str, tokenizer_spec: str, out: str | os.PathLike, workers: 
 
     manifest = {
         "format": MANIFEST_FORMAT, "dtype": dtype.name, "val_fraction": val_fraction,
-        "tokenizer": {"path": str(tokenizer.path), "content_hash": tokenizer.content_hash,
+        "tokenizer": {"path": TOKENIZER_FILE, "source": str(tokenizer_spec if not train_tokenizer else
+                      f"BPE of {train_tokenizer} trained here"), "content_hash": tokenizer.content_hash,
                       "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id},
         "corpus": {"spec": dataset, "text_field": text_field, "files": len(corpus), "bytes": corpus.total_bytes},
         "sources": dict(sorted(sources.items())),
@@ -234,15 +251,19 @@ def _read_progress(out: Path, settings: dict) -> dict:
             raise ValueError(f"{out} holds an interrupted preparation with other settings ({progress.get('settings')}); "
                              f"use another --out or delete it")
         return progress
-    if any(out.iterdir()):
+    if any(p.name != TOKENIZER_FILE for p in out.iterdir()):
         raise ValueError(f"{out} is not empty and holds no preparation to continue; use an empty or new folder")
     return {"settings": settings, "documents_done": 0, "shards": {split: [] for split in SPLITS}, "sources": {}}
 
 
 def _write_json(path: Path, value: dict) -> None:
+    _write_text(path, json.dumps(value, indent=1))
+
+
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -258,6 +279,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-field", default="text", help="the .jsonl field holding the text")
     parser.add_argument("--val-fraction", type=float, default=0.02)
     parser.add_argument("--shard-tokens", type=int, default=1 << 28, help="training tokens per shard")
+    parser.add_argument("--train-tokenizer", type=int, default=0, metavar="VOCAB",
+                        help="train a byte-level BPE of VOCAB entries on a sample of the corpus instead of --tokenizer")
+    parser.add_argument("--tokenizer-sample-bytes", type=int, default=1 << 30,
+                        help="how much of the corpus --train-tokenizer reads (spread evenly over it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -266,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         prepare(args.dataset, args.tokenizer, args.out, args.workers, args.text_field, args.val_fraction,
-                args.shard_tokens)
+                args.shard_tokens, args.train_tokenizer, args.tokenizer_sample_bytes)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,8 +1,9 @@
 """Token folders written by ``python -m torchtrain.data.prepare`` (see there), opened for training.
 
 ``data.dataset`` may name such a folder: its shards are memory-mapped and read as one stream per split,
-nothing is tokenised or hashed at the start of a run, and the tokenizer the recipe names must be the one
-the folder was prepared with (compared by content hash).
+nothing is tokenised or hashed at the start of a run. The folder holds a copy of the tokenizer it was made
+with (``tokenizer.json``), which ``data.tokenizer = "default"`` uses; a tokenizer the recipe names
+explicitly must be the same one (compared by content hash).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torchtrain.data.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"  # written last by prepare: its presence marks a folder complete
 MANIFEST_FORMAT = 1
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer the folder was made with, a copy
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
@@ -56,9 +58,9 @@ def open_prepared(folder: str | os.PathLike, tokenizer: Tokenizer) -> dict[str, 
         raise ValueError(f"{folder / MANIFEST}: format {manifest.get('format')}, this version reads {MANIFEST_FORMAT}")
     made_with = manifest["tokenizer"]
     if made_with["content_hash"] != tokenizer.content_hash:
-        raise ValueError(f"data.dataset {folder} was prepared with the tokenizer {made_with['path']}, not with "
+        raise ValueError(f"data.dataset {folder} was prepared with the tokenizer {made_with['source']}, not with "
                          f"data.tokenizer's {tokenizer.path} (their files differ); set data.tokenizer to the one "
-                         "it was prepared with")
+                         "it was prepared with, or to \"default\" (the folder's own copy)")
     dtype = np.dtype(manifest["dtype"])
     streams = {}
     for split in SPLITS:
