@@ -1,6 +1,6 @@
 """Data benchmark: ``torchtrain.data.prepare`` throughput and memory, and a run's start-up on its output.
 
-    python bench/data.py                  # the recorded run: a ~200 MB generated corpus, 1 and 2 workers
+    python bench/data.py                  # the recorded run: a ~100 MB generated corpus, 1 and 2 workers
     python bench/data.py --megabytes 20   # smaller
     python bench/data.py --quick          # a smoke test (seconds)
 
@@ -114,7 +114,7 @@ def startup(folder: Path, seq_len: int = 2048, batch: int = 8) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--megabytes", type=float, default=200.0)
+    parser.add_argument("--megabytes", type=float, default=100.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -57,19 +58,40 @@ def test_a_signal_to_one_rank_stops_all_after_the_same_step_with_a_checkpoint_an
 def test_the_slurm_scripts_signal_reaches_the_workers_through_an_agent_that_ignores_it(tmp_path):
     """scripts/slurm/train.sbatch starts torchrun with SIGUSR1 ignored and signals the whole job step: the agent
     must live on to report, the workers must save and stop."""
-    args = [*RECIPE, *tiny(tmp_path, *QUIET, "--training.local_batch_size", "2", "--training.steps", "1000")]
+    args = [*RECIPE, *tiny(tmp_path, *QUIET, "--training.local_batch_size", "2", "--training.steps", "200")]
     command = " ".join(map(shlex.quote, torchrun_command(2, FAULTS, ["none", "0", "0", *args], ("--standalone",))))
     job = subprocess.Popen(["bash", "-c", f"trap '' USR1; exec {command}"], cwd=REPO, env=worker_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
-    while "step 2/1000" not in ((tmp_path / "train.log").read_text() if (tmp_path / "train.log").exists() else ""):
+    while not re.search(r"step +2/200", (tmp_path / "train.log").read_text() if (tmp_path / "train.log").exists()
+                        else ""):
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-4000:]
         time.sleep(0.2)
-    os.killpg(job.pid, signal.SIGUSR1)  # what `scancel --signal=USR1` does to the job step
+    # What `scancel --signal=USR1` does to a job step: Slurm's process tracking signals every process of it,
+    # torchrun's workers included (they run in sessions of their own, out of the agent's process group).
+    for pid in [job.pid, *_descendants(job.pid)]:
+        os.kill(pid, signal.SIGUSR1)
     output = job.communicate(timeout=120)[0]
     stopped = re.search(r"preempted: stopped after step (\d+) on SIGUSR1", output)
     assert stopped and "exitcode  : 75" in output, output[-4000:]  # the agent lived to report the workers' 75
     assert _checkpoints(tmp_path) == [f"step-{int(stopped.group(1)):08d}"]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def test_a_stuck_rank_dumps_every_ranks_stacks_and_ends_the_job(tmp_path):
