@@ -68,14 +68,16 @@ def check_resume(config: Config, model: dict[str, Any]) -> None:
 
     Reads only the folder's listing and the newest readable ``torchtrain.json``; every rank may call it.
     """
+    if not config.checkpoint.enabled:
+        return
     folder = Path(config.job.output_dir) / config.checkpoint.folder
     found = complete_checkpoints(folder)
     resume = config.checkpoint.resume
-    if not config.checkpoint.enabled or (not found and resume != True):  # noqa: E712 (True, not "auto")
-        return
     if not found:
-        raise ConfigError(f"{config.source}: checkpoint.resume = true, but {folder} holds no checkpoint; "
-                          "'auto' starts at step 0 when there is none")
+        if resume is True:
+            raise ConfigError(f"{config.source}: checkpoint.resume = true, but {folder} holds no checkpoint; "
+                              "'auto' starts at step 0 when there is none")
+        return
     newest = found[-1][1]
     if resume is False:
         if not config.checkpoint.overwrite:
@@ -88,16 +90,14 @@ def check_resume(config: Config, model: dict[str, Any]) -> None:
     if saved is None:  # none readable: resume tries each and says why it cannot (load_newest_intact)
         return
     path, record = saved
-    differences = _differences(record.get("model", {}), model)
-    if resume == "auto":
-        differences += _differences(record.get("run", {}), run_record(config))
-    if differences:
-        allow = ("--checkpoint.resume true to continue it with this recipe's data" if resume == "auto"
-                 and not _differences(record.get("model", {}), model) else "")
+    model_differences = _differences(record.get("model", {}), model)
+    data_differences = _differences(record.get("run", {}), run_record(config)) if resume == "auto" else []
+    if model_differences or data_differences:
+        # Only a run of the same model can go on with other data.
+        allow = "" if model_differences else "pass --checkpoint.resume true to continue it with this recipe's data, "
         raise ConfigError(
             f"{config.source}: {folder} holds the checkpoints of another run ({path}: "
-            + "; ".join(differences) + "). Give this run another job.output_dir, "
-            + (f"pass {allow}, " if allow else "")
+            + "; ".join(model_differences + data_differences) + "). Give this run another job.output_dir, " + allow
             + "or start over in it with --checkpoint.resume false --checkpoint.overwrite true (which deletes them)")
 
 

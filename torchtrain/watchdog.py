@@ -85,8 +85,6 @@ class StepWatchdog:
                              "with exit status %d so that the job restarts from its newest checkpoint; every "
                              "thread's stack follows", self.rank, step, elapsed, self.stall_abort_s, EXIT_STALLED)
                 self._dump()
-                for handler in logging.getLogger().handlers:
-                    handler.flush()
                 os._exit(EXIT_STALLED)
 
     @staticmethod

@@ -199,18 +199,15 @@ def build_datasets(dataset: str = DEFAULT_CORPUS, text_field: str = "text", toke
         tokenizer = load_tokenizer(Path(dataset) / TOKENIZER_FILE if tokenizer_spec == DEFAULT_TOKENIZER
                                    else tokenizer_spec)
         streams = open_prepared(dataset, tokenizer)
-        logger.info("data: %s; prepared %r; train %s tokens in %s documents, val %s tokens in %s documents",
-                    tokenizer, dataset, f"{streams['train'].num_tokens:,}", f"{streams['train'].num_documents:,}",
-                    f"{streams['val'].num_tokens:,}", f"{streams['val'].num_documents:,}")
-        return tokenizer, streams["train"], streams["val"]
-    corpus = open_corpus(dataset, text_field)
-    if tokenizer_spec == DEFAULT_TOKENIZER:
-        source = corpus if (tokenizer_corpus or DEFAULT_CORPUS) == dataset else open_corpus(
-            tokenizer_corpus or DEFAULT_CORPUS, text_field)
-        tokenizer = load_tokenizer(DEFAULT_TOKENIZER, vocab_size=vocab_size, cache_dir=cache_dir, corpus=source)
     else:
-        tokenizer = load_tokenizer(tokenizer_spec)
-    streams = build_shards(corpus, tokenizer, cache_dir, val_fraction)
+        corpus = open_corpus(dataset, text_field)
+        if tokenizer_spec == DEFAULT_TOKENIZER:
+            source = corpus if (tokenizer_corpus or DEFAULT_CORPUS) == dataset else open_corpus(
+                tokenizer_corpus or DEFAULT_CORPUS, text_field)
+            tokenizer = load_tokenizer(DEFAULT_TOKENIZER, vocab_size=vocab_size, cache_dir=cache_dir, corpus=source)
+        else:
+            tokenizer = load_tokenizer(tokenizer_spec)
+        streams = build_shards(corpus, tokenizer, cache_dir, val_fraction)
     logger.info("data: %s; %r; train %s tokens in %s documents, val %s tokens in %s documents",
                 tokenizer, dataset, f"{streams['train'].num_tokens:,}", f"{streams['train'].num_documents:,}",
                 f"{streams['val'].num_tokens:,}", f"{streams['val'].num_documents:,}")

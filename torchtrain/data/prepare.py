@@ -35,6 +35,7 @@ import multiprocessing
 import os
 import sys
 import time
+import zlib
 from collections import deque
 from pathlib import Path
 from typing import Iterator
@@ -66,7 +67,7 @@ class _Shard:
     def add(self, doc_index: int, ids: np.ndarray) -> None:
         data = ids.tobytes()
         self.file.write(data)
-        self.crc = _crc32(data, self.crc)
+        self.crc = zlib.crc32(data, self.crc)
         self.tokens += len(ids)
         self.offsets.append(self.tokens)
         self.doc_indices.append(doc_index)
@@ -79,12 +80,6 @@ class _Shard:
         np.save(self.path.with_suffix(".doc_index.npy"), np.asarray(self.doc_indices, dtype=np.int64))
         return {"name": self.name, "tokens": self.tokens, "documents": len(self.doc_indices),
                 "bytes": self.path.stat().st_size, "crc32": self.crc}
-
-
-def _crc32(data: bytes, crc: int) -> int:
-    import zlib
-
-    return zlib.crc32(data, crc)
 
 
 # -- the workers -------------------------------------------------------------------------------------

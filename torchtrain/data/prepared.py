@@ -47,7 +47,9 @@ class ConcatTokens:
             part_stop = min(stop, int(self.starts[first + 1]))
             pieces.append(self.parts[first][start - self.starts[first]:part_stop - self.starts[first]])
             start, first = part_stop, first + 1
-        return np.concatenate(pieces) if len(pieces) != 1 else np.asarray(pieces[0])
+        if len(pieces) == 1:
+            return np.asarray(pieces[0])
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=self.dtype)
 
 
 def open_prepared(folder: str | os.PathLike, tokenizer: Tokenizer) -> dict[str, TokenStream]:
