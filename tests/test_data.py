@@ -167,8 +167,9 @@ def test_validation_mask_rules():
     assert validation_mask(np.arange(3), 1e-9).sum() == 1  # at least one held out
     assert validation_mask(np.arange(2), 0.99).tolist().count(False) == 1  # at least one kept
     assert not validation_mask(indices, 0.0).any()
+    assert validation_mask(np.arange(5), 1.0).all()  # a validation-only source
     with pytest.raises(ValueError, match="val_fraction"):
-        validation_mask(indices, 1.0)
+        validation_mask(indices, 1.5)
     assert stable_unit_hash(7) == stable_unit_hash(np.array([7]))[0]
 
 
@@ -328,7 +329,7 @@ def test_loader_epochs_visit_every_sample_once():
     stream = _long_stream()
     seq_len, batch_size = 8, 4
     loader = TokenLoader(stream, seq_len, batch_size, seed=0)
-    num, steps = loader.num_samples, loader.steps_per_epoch
+    num, steps = loader.num_samples[0], loader.steps_per_epoch
     assert steps == num // batch_size and num % batch_size  # this stream drops a remainder
     everything = pack_samples(stream, range(num), seq_len).tokens
     firsts = {tuple(row.tolist()): i for i, row in enumerate(everything)}  # rows are distinct here
@@ -338,7 +339,7 @@ def test_loader_epochs_visit_every_sample_once():
     epoch1 = [firsts[tuple(r.tolist())] for b in batches[steps:] for r in b.tokens]
     assert len(set(epoch0)) == len(epoch0) == steps * batch_size
     assert epoch0 != epoch1 and len(set(epoch1)) == len(epoch1)
-    assert loader.state_dict() == {"epoch": 1, "samples_consumed": steps * batch_size, "num_samples": num}
+    assert loader.state_dict() == {"epoch": 2, "samples_consumed": 0, "num_samples": num}
 
 
 def test_loader_resumes_exactly_at_every_step():
@@ -386,6 +387,80 @@ def test_resume_with_a_different_dp_size():
         assert torch.equal(union, reference[k + step].tokens)
 
 
+def _marked_streams(sizes=(40, 25, 12)):
+    """Streams whose tokens name their source: stream k holds only ids in [100 k + 3, 100 k + 99]."""
+    rng = np.random.default_rng(1)
+    return [TokenStream.from_documents([rng.integers(100 * k + 3, 100 * k + 99, size=int(rng.integers(1, 30))).tolist()
+                                        for _ in range(n)], eos_id=EOS, dtype=np.uint16, name=f"source{k}")
+            for k, n in enumerate(sizes)]
+
+
+def _source_of_rows(batch):
+    tokens = torch.where(batch.tokens == EOS, 10**6, batch.tokens)  # EOS belongs to every source
+    return (tokens.min(dim=1).values // 100).tolist()
+
+
+def test_blend_draws_each_source_in_proportion_to_its_weight():
+    streams, weights = _marked_streams(), [0.6, 0.3, 0.1]
+    loader = TokenLoader(streams, 8, 4, dp_rank=0, dp_size=2, seed=0, weights=weights)
+    steps = 150
+    rows = [k for batch in _take(loader, steps) for k in _source_of_rows(batch)]
+    # This rank's half of each global batch follows the shares too: a multinomial's 4 sigma, at most.
+    for k, weight in enumerate(weights):
+        sigma = (len(rows) * weight * (1 - weight)) ** 0.5
+        assert abs(rows.count(k) - weight * len(rows)) < 4 * sigma, (k, rows.count(k), len(rows))
+    # Over all ranks the counts are the weights' shares to within one sample, and reported as tokens.
+    assert all(abs(d - w * steps * 8) <= 1 for d, w in zip(loader.drawn, weights))
+    assert loader.tokens_drawn() == [int(d) * 8 for d in loader.drawn] and sum(loader.drawn) == steps * 8
+    # The smallest source was drawn more often than it has samples: each of its epochs visits every sample.
+    small = streams[2]
+    assert loader.drawn[2] > small.num_samples(8)
+
+
+def test_blend_is_deterministic_and_resumes_under_another_dp_size():
+    streams, weights = _marked_streams(), [5, 3, 2]
+    reference = _take(TokenLoader(streams, 8, 8, seed=4, weights=weights), 30)
+    assert not all(_same(x, y) for x, y in zip(reference, _take(TokenLoader(streams, 8, 8, seed=5,
+                                                                              weights=weights), 30)))
+    k = 11
+    before = [TokenLoader(streams, 8, 2, dp_rank=r, dp_size=4, seed=4, weights=weights) for r in range(4)]
+    for loader in before:
+        _take(loader, k)
+    state = {key: int(v) for key, v in before[0].state_dict().items()}
+    assert all(loader.state_dict() == state for loader in before)
+    after = [TokenLoader(streams, 8, 4, dp_rank=r, dp_size=2, seed=4, weights=weights) for r in range(2)]
+    for loader in after:
+        loader.load_state_dict(state)
+    continued = [_take(loader, 30 - k) for loader in after]
+    for step in range(30 - k):
+        for name in ("tokens", "labels", "document_ids", "positions"):
+            union = torch.cat([getattr(continued[r][step], name) for r in range(2)])
+            assert torch.equal(union, getattr(reference[k + step], name)), (step, name)
+
+
+def test_blend_visits_every_sample_of_a_source_once_per_epoch():
+    streams = _marked_streams()
+    loader = TokenLoader(streams, 8, 4, seed=2, weights=[1, 1, 1])
+    everything = [{tuple(r.tolist()) for r in pack_samples(s, range(s.num_samples(8)), 8).tokens} for s in streams]
+    seen = [[] for _ in streams]
+    epoch = loader.epoch_samples[2]  # its samples less the remainder of a division by the global batch
+    assert streams[2].num_samples(8) - 4 < epoch <= streams[2].num_samples(8)
+    while loader.drawn[2] < 2 * epoch:
+        batch = next(iter(loader))
+        for source, row in zip(_source_of_rows(batch), batch.tokens):
+            seen[source].append(tuple(row.tolist()))
+    first, second = seen[2][:epoch], seen[2][epoch:2 * epoch]
+    assert len(set(first)) == len(set(second)) == epoch and set(first) | set(second) <= everything[2]
+    assert first != second  # a fresh permutation
+
+
+def test_blend_state_from_another_blend_is_rejected():
+    loader = TokenLoader(_marked_streams(), 8, 2, weights=[1, 1, 1])
+    other = TokenLoader(_marked_streams((40, 25, 13)), 8, 2, weights=[1, 1, 1])
+    with pytest.raises(ValueError, match="changed"):
+        loader.load_state_dict(other.state_dict())
+
+
 def test_validation_loader_is_ordered_and_finite():
     stream = _long_stream()
     loader = TokenLoader(stream, 8, 3, shuffle=False, infinite=False)
@@ -415,15 +490,15 @@ def test_state_from_another_dataset_is_rejected():
 
 def test_build_datasets(tmp_path, corpus_dir, tok, docs):
     tok.save(tmp_path / "tokenizer.json")
-    tokenizer, train, val = build_datasets(str(corpus_dir), "body", str(tmp_path / "tokenizer.json"),
-                                           cache_dir=tmp_path / "cache", val_fraction=0.1)
+    tokenizer, (train,), (val,) = build_datasets(str(corpus_dir), "body", str(tmp_path / "tokenizer.json"),
+                                                 cache_dir=tmp_path / "cache", val_fraction=0.1)
     assert tokenizer.content_hash == tok.content_hash
     assert train.num_documents + val.num_documents == len(docs) and val.num_documents >= 1
     assert train.num_samples(16) == (train.num_tokens - 1) // 16
     batch = next(iter(TokenLoader(train, 16, 2, seed=0)))
     assert batch.tokens.shape == (2, 16)
     # The default tokenizer trained on a given corpus (here the dataset itself).
-    tokenizer2, train2, _ = build_datasets(str(corpus_dir), "body", "default", vocab_size=300,
+    tokenizer2, (train2,), _ = build_datasets(str(corpus_dir), "body", "default", vocab_size=300,
                                            cache_dir=tmp_path / "cache", val_fraction=0.1,
                                            tokenizer_corpus=str(corpus_dir))
     assert tokenizer2.content_hash == tok.content_hash and np.array_equal(train2.tokens, train.tokens)

@@ -15,6 +15,7 @@ import pytest
 
 from launcher import REPO
 from test_train import run
+from torchtrain.config import load_config
 from torchtrain.data import build_shards, load_tokenizer, open_corpus
 from torchtrain.data import prepare as prepare_module
 from torchtrain.data.prepare import prepare
@@ -113,7 +114,31 @@ def test_a_tokenizer_trained_on_the_users_corpus_travels_with_the_folder(corpus,
                        tokenizer_sample_bytes=200_000)
     assert manifest["tokenizer"]["vocab_size"] == 400 and (out / "tokenizer.json").is_file()
     # data.tokenizer "default" on a prepared folder is the folder's own tokenizer, and its tokens are the folder's.
-    tokenizer, train, _ = build_datasets(str(out), tokenizer_spec="default", val_fraction=VAL_FRACTION)
+    tokenizer, (train,), _ = build_datasets(str(out), tokenizer_spec="default", val_fraction=VAL_FRACTION)
     assert tokenizer.vocab_size == 400 and tokenizer.content_hash == manifest["tokenizer"]["content_hash"]
     first = train.document(0)
     assert tokenizer.decode(first[:-1].tolist()) == next(open_corpus(str(corpus)).documents())
+
+
+def test_a_blended_run_draws_its_sources_by_weight_and_validates_each(corpus, prepared, tmp_path):
+    """A prepared folder (weight 3) blended with raw files (weight 1); two held-out validation sources."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    blend = json.dumps([{"dataset": str(prepared), "weight": 3, "name": "prepared"},
+                        {"dataset": str(corpus / "a.jsonl"), "weight": 1}])
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"text": f"def held_out_{i}(x):\n    return x * {i}\n" * 40}) + "\n"
+                                for i in range(20)))
+    result = run(tmp_path / "run", "--data.blend", blend, "--data.cache_dir", str(tmp_path / "cache"),
+                 "--data.validation", json.dumps([str(prepared), str(held_out)]), "--checkpoint.enabled", "false")
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    drawn = {name: events.Scalars(f"data/tokens/{name}")[-1].value for name in ("prepared", "a.jsonl")}
+    samples = 8 * 4  # steps x global batch
+    assert drawn == {"prepared": 0.75 * samples * 64, "a.jsonl": 0.25 * samples * 64}
+    per_source = {name: events.Scalars(f"loss/val/{name}")[-1].value for name in ("tokens", "held_out.jsonl")}
+    assert result.val_losses[8] == pytest.approx(sum(per_source.values()) / 2)
+    assert per_source["held_out.jsonl"] < per_source["tokens"]  # the repetitive held-out text is the easier
+    saved = load_config(tmp_path / "run" / "config.toml").data  # the recipe the run saved reads back the same
+    assert [(s.dataset, s.weight, s.name) for s in saved.blend] == [(str(prepared), 3.0, "prepared"),
+                                                                    (str(corpus / "a.jsonl"), 1.0, "")]

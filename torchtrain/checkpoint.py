@@ -23,6 +23,7 @@ at the start of the next one and at the end of training.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -108,6 +109,7 @@ def run_record(config: Config) -> dict[str, Any]:
     resume (layout, steps, schedule, cadences) is left out.
     """
     return {"data.dataset": config.data.dataset, "data.tokenizer": config.data.tokenizer,
+            "data.blend": [dataclasses.asdict(source) for source in config.data.blend],
             "training.seq_len": config.training.seq_len}
 
 

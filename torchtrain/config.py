@@ -63,6 +63,15 @@ class Model:
 
 
 @dataclass
+class BlendSource:
+    """One training source of ``data.blend``."""
+
+    dataset: str = ""  # what data.dataset takes: files, a folder, a glob, or a prepared folder
+    weight: float = 1.0  # its share of the training samples, relative to the other sources' weights
+    name: str = ""  # its name in the metrics (data/tokens/<name>, loss/val/<name>); "" = dataset's last part
+
+
+@dataclass
 class Data:
     # "stdlib" (the Python standard library's sources), a .txt/.jsonl file, folder or glob (tokenised at the first
     # start and cached), or a folder written by `python -m torchtrain.data.prepare` (tokenised ahead, in parallel).
@@ -75,6 +84,13 @@ class Data:
     vocab_size: int = 8192  # vocabulary size of the default tokenizer
     cache_dir: str = ""  # tokenizer and token shard cache; "" = $TORCHTRAIN_CACHE or ~/.cache/torchtrain
     val_fraction: float = 0.02  # fraction of documents held out for validation
+    # Several training sources, e.g. [{dataset = "/tokens/web", weight = 0.7}, {dataset = "/tokens/code", weight =
+    # 0.3}]: samples are drawn from them in these proportions (data.dataset is then not read). Empty: data.dataset.
+    blend: list[BlendSource] = field(default_factory=list)
+    # Held-out sources validated on instead of the training sources' validation splits, each reported as
+    # loss/val/<name> (loss/val is their mean): all of each file source; a prepared folder's validation split
+    # (all of it when prepared with --val-fraction 1).
+    validation: list[str] = field(default_factory=list)
     document_mask: bool = True  # packed documents neither attend to each other nor share RoPE positions
 
 
@@ -372,8 +388,14 @@ def validate(config: Config) -> None:
         fail("optimizer", "lr", "it must be positive")
     if len(config.optimizer.betas) != 2 or not all(0 <= b < 1 for b in config.optimizer.betas):
         fail("optimizer", "betas", "it must be two numbers in [0, 1), e.g. [0.9, 0.95]")
-    if config.data.val_fraction == 0 and config.training.val_every > 0:
-        fail("training", "val_every", "validation needs held-out data: set data.val_fraction > 0 or val_every = 0")
+    for source in config.data.blend:
+        if not source.dataset:
+            fail("data", "blend", "every source needs its dataset, e.g. {dataset = \"/tokens/web\", weight = 0.7}")
+        if source.weight <= 0:
+            fail("data", "blend", f"the weight of {source.dataset!r} is {source.weight}; weights must be positive")
+    if config.data.val_fraction == 0 and config.training.val_every > 0 and not config.data.validation:
+        fail("training", "val_every", "validation needs held-out data: set data.val_fraction > 0, name held-out "
+                                      "sources in data.validation, or set val_every = 0")
     if not config.job.output_dir:
         fail("job", "output_dir", "it must name a folder")
 
@@ -501,6 +523,10 @@ def _convert(value: Any, hint: Any) -> Any:
         if not isinstance(value, list):
             raise TypeError
         return [_convert(v, item) for v in value]
+    if dataclasses.is_dataclass(hint):  # a table: {dataset = "...", weight = 0.5}
+        if not isinstance(value, dict) or not set(value) <= {f.name for f in dataclasses.fields(hint)}:
+            raise TypeError
+        return hint(**{key: _convert(item, typing.get_type_hints(hint)[key]) for key, item in value.items()})
     if hint is bool:
         if not isinstance(value, bool):
             raise TypeError
@@ -524,9 +550,14 @@ def _convert(value: Any, hint: Any) -> Any:
 
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is list:
-        return f"list of {_type_name(typing.get_args(hint)[0])}"
+        (item,) = typing.get_args(hint)
+        if dataclasses.is_dataclass(item):
+            return "list of tables with the keys " + ", ".join(f.name for f in dataclasses.fields(item))
+        return f"list of {_type_name(item)}"
     if typing.get_origin(hint) is types.UnionType:
         return " or ".join(_type_name(option) for option in typing.get_args(hint))
+    if dataclasses.is_dataclass(hint):
+        return "table with the keys " + ", ".join(f.name for f in dataclasses.fields(hint))
     return {bool: "boolean (true/false)", int: "integer", float: "finite number", str: "string"}.get(hint, str(hint))
 
 
@@ -537,4 +568,6 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # a BlendSource, as dataclasses.asdict gives it
+        return "{" + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + "}"
     return repr(value)

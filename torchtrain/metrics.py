@@ -161,6 +161,10 @@ def format_line(step: int, total_steps: int, f: dict[str, float]) -> str:
         parts.append(f"loss {f['loss/train']:.4f}")
     if "loss/val" in f:
         parts.append(f"val loss {f['loss/val']:.4f} ppl {f['loss/val_perplexity']:.2f}")
+        per_source = [f"{tag.removeprefix('loss/val/')} {value:.4f}" for tag, value in f.items()
+                      if tag.startswith("loss/val/")]
+        if per_source:
+            parts[-1] += f" ({', '.join(per_source)})"
     if "optim/lr" in f:
         parts.append(f"lr {f['optim/lr']:.2e}")
     if "optim/grad_norm" in f:

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from torchtrain.checks import check_run
 from torchtrain.checkpoint import (CheckpointManager, IntState, ModelAndOptimizer, RNGState, check_resume, model_record,
                                    run_record)
-from torchtrain.config import Config, ConfigError, load_config, parse_args, recipe_help
+from torchtrain.config import BlendSource, Config, ConfigError, load_config, parse_args, recipe_help
 from torchtrain.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from torchtrain.watchdog import StepWatchdog
 from torchtrain.data import DEFAULT_TOKENIZER, Batch, TokenLoader, build_datasets
@@ -118,7 +118,7 @@ def _train(config: Config, device: torch.device) -> TrainResult:
     loss_group = mesh.dp_cp.get_group()
     shard_for_cp = batch_sharder(mesh, config.data.document_mask)
 
-    train_loader, val_loader = build_data(config, model_args, dp_rank, dp_size)
+    data = build_data(config, model_args, dp_rank, dp_size)
     if config.training.deterministic:
         torch.use_deterministic_algorithms(True)
     param_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[resolve_dtype(config, device)]
@@ -128,7 +128,7 @@ def _train(config: Config, device: torch.device) -> TrainResult:
     optimizer = build_optimizer(model, config.optimizer, device)
     lr_schedule = LRSchedule(optimizer, config.lr_scheduler, config.training.steps)
     state = {"model_and_optimizer": ModelAndOptimizer(model, optimizer), "lr_schedule": IntState(lr_schedule),
-             "data": IntState(train_loader), "rng": RNGState(device), "step": IntState(StepCounter())}
+             "data": IntState(data.train), "rng": RNGState(device), "step": IntState(StepCounter())}
     checkpoints = None
     if config.checkpoint.enabled:
         checkpoints = CheckpointManager(output_dir / config.checkpoint.folder, config.checkpoint.keep_last,
@@ -157,7 +157,7 @@ def _train(config: Config, device: torch.device) -> TrainResult:
                             config.training.steps)
     metrics = MetricsLogger(output_dir / "tb", enabled=rank == 0 and config.metrics.tensorboard)
     result = TrainResult({}, {}, {}, output_dir)
-    batches = iter(train_loader)
+    batches = iter(data.train)
     scalars = StepScalars()
     profiler = StepProfiler(config.profiling, output_dir, rank, device)
     profiler.start(start_step + 1)
@@ -190,15 +190,19 @@ def _train(config: Config, device: torch.device) -> TrainResult:
             if logs:
                 figures = {"loss/train": result.losses[step], "optim/lr": lr,
                            "optim/grad_norm": result.grad_norms[step],
-                           "memory/peak_gib": peak_memory_bytes(device) / 2**30, **meter.read(step)}
+                           "memory/peak_gib": peak_memory_bytes(device) / 2**30, **meter.read(step),
+                           **data.figures()}
                 figures.update(rank_step_times(figures["perf/step_time_s"], device))
                 if checkpoints and checkpoints.last_blocked_s:  # how long the latest save held training up
                     figures["checkpoint/blocked_s"] = checkpoints.last_blocked_s
             if validates:
-                val_loss = evaluate(parts, val_loader(), config.training.val_batches, config, loss_group, device,
-                                    autocast, shard_for_cp)
+                val_losses = {name: evaluate(parts, loader(), config.training.val_batches, config, loss_group, device,
+                                             autocast, shard_for_cp) for name, loader in data.validation.items()}
+                val_loss = sum(val_losses.values()) / len(val_losses)  # each source counts alike
                 result.val_losses[step] = val_loss
                 figures.update({"loss/val": val_loss, "loss/val_perplexity": math.exp(min(val_loss, 50.0))})
+                if len(val_losses) > 1:
+                    figures.update({f"loss/val/{name}": loss for name, loss in val_losses.items()})
             if figures:
                 metrics.log(step, config.training.steps, figures)
             if saves:
@@ -225,8 +229,8 @@ def _train(config: Config, device: torch.device) -> TrainResult:
     return result
 
 
-def build_data(config: Config, model_args: ModelArgs, dp_rank: int, dp_size: int):
-    """The training loader and a factory of validation loaders, after checking the data fits the model."""
+def build_data(config: Config, model_args: ModelArgs, dp_rank: int, dp_size: int) -> TrainingData:
+    """The training loader and the validation sources, after checking the data fits the model."""
     tokenizer_spec = config.data.tokenizer
     if tokenizer_spec == DEFAULT_TOKENIZER and config.checkpoint.initial_load_path:
         tokenizer_spec = config.checkpoint.initial_load_path  # continuing a model: its own tokenizer
@@ -234,11 +238,12 @@ def build_data(config: Config, model_args: ModelArgs, dp_rank: int, dp_size: int
             raise ConfigError(f"{config.source}: data.tokenizer = 'default' takes the tokenizer of "
                               f"checkpoint.initial_load_path, but {tokenizer_spec} has no tokenizer.json; set "
                               "data.tokenizer to the model's tokenizer.json")
+    blend = config.data.blend or [BlendSource(config.data.dataset)]
+    datasets = [source.dataset for source in blend]
     try:
-        tokenizer, train_stream, val_stream = build_datasets(
-            config.data.dataset, config.data.text_field, tokenizer_spec, config.data.vocab_size,
-            config.data.cache_dir, config.data.val_fraction,
-        )
+        tokenizer, train_streams, val_streams = build_datasets(
+            datasets, config.data.text_field, tokenizer_spec, config.data.vocab_size, config.data.cache_dir,
+            config.data.val_fraction, validation=config.data.validation)
     except (FileNotFoundError, ValueError) as e:  # unusable data settings: one message, no traceback
         raise ConfigError(f"{config.source}: [data] {e}") from e
     if tokenizer.vocab_size > model_args.vocab_size:
@@ -247,17 +252,47 @@ def build_data(config: Config, model_args: ModelArgs, dp_rank: int, dp_size: int
             f"{model_args.vocab_size} embeddings of model {config.model.name!r}; use a model with a larger vocab_size "
             f"(model.name) or a smaller tokenizer (data.tokenizer / data.vocab_size)"
         )
-    # Validation reads the same first batches of the held-out split every time, from a fresh loader.
-    val_loader = partial(TokenLoader, val_stream, config.training.seq_len, config.training.local_batch_size,
-                         dp_rank, dp_size, seed=config.job.seed, shuffle=False, infinite=False)
+    train_names = source_names(datasets, [source.name for source in blend])
+    val_names = source_names(config.data.validation) if config.data.validation else train_names
+    for name, stream in zip(train_names, train_streams):
+        stream.name = f"{name} train"
+    for name, stream in zip(val_names, val_streams):
+        stream.name = f"{name} validation"
+    # Validation reads the same first batches of each held-out split every time, from a fresh loader.
+    validation = {name: partial(TokenLoader, stream, config.training.seq_len, config.training.local_batch_size,
+                                dp_rank, dp_size, seed=config.job.seed, shuffle=False, infinite=False)
+                  for name, stream in zip(val_names, val_streams)}
+    key = "data.blend" if config.data.blend else "data.dataset"
     try:
-        train_loader = TokenLoader(train_stream, config.training.seq_len, config.training.local_batch_size,
-                                   dp_rank, dp_size, seed=config.job.seed)
+        train_loader = TokenLoader(train_streams, config.training.seq_len, config.training.local_batch_size,
+                                   dp_rank, dp_size, seed=config.job.seed, weights=[s.weight for s in blend])
         if config.training.val_every:
-            val_loader()  # a split too small for one global batch fails now, not at the first validation
+            key = "data.validation" if config.data.validation else key
+            for loader in validation.values():
+                loader()  # a split too small for one global batch fails now, not at the first validation
     except ValueError as e:  # too little data (an empty file, say): named, no traceback
-        raise ConfigError(f"{config.source}: data.dataset = {config.data.dataset!r}: {e}") from None
-    return train_loader, val_loader
+        raise ConfigError(f"{config.source}: {key}: {e}") from None
+    return TrainingData(train_loader, train_names, validation)
+
+
+@dataclass
+class TrainingData:
+    """The training loader over the training sources (named), and a fresh loader per validation source."""
+
+    train: TokenLoader
+    train_names: list[str]
+    validation: dict[str, Callable[[], TokenLoader]]
+
+    def figures(self) -> dict[str, float]:
+        """Tokens drawn from each training source so far, over all ranks, for the metrics."""
+        return {f"data/tokens/{name}": tokens for name, tokens in zip(self.train_names, self.train.tokens_drawn())}
+
+
+def source_names(datasets: list[str], names: list[str] | None = None) -> list[str]:
+    """A metric name per source: its given name, else the last part of its path (numbered when two agree)."""
+    names = [given or Path(dataset.rstrip("/")).name.split("*")[0].rstrip(".") or dataset
+             for dataset, given in zip(datasets, names or [""] * len(datasets))]
+    return [f"{name}.{names[:i].count(name)}" if names.count(name) > 1 else name for i, name in enumerate(names)]
 
 
 @dataclass

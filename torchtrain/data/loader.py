@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from torchtrain.data.corpus import DEFAULT_CORPUS, open_corpus
+from torchtrain.data.corpus import DEFAULT_CORPUS, Corpus, open_corpus
 from torchtrain.data.prepared import TOKENIZER_FILE, is_prepared, open_prepared
 from torchtrain.data.shards import TokenStream, build_shards
 from torchtrain.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer, load_tokenizer
@@ -102,44 +102,66 @@ def pack_samples(stream: TokenStream, sample_indices: Sequence[int], seq_len: in
 
 
 class TokenLoader:
-    """Yields :class:`Batch` es of one split for one data-parallel rank; resumable at any step.
+    """Yields :class:`Batch` es for one data-parallel rank from one split, or from a weighted blend of
+    several; resumable at any step.
 
     Args:
-        stream: the split (see :func:`build_datasets`).
+        streams: the split (see :func:`build_datasets`), or the splits of a blend's sources.
         seq_len: tokens per sample.
         local_batch_size: samples per batch on this rank.
         dp_rank, dp_size: this rank's place in the data-parallel group; every rank must use the
-            same stream, seed and sizes.
-        seed: epoch ``e`` visits the samples in the order ``torch.randperm`` gives with seed ``seed + e``.
-        shuffle: ``False`` visits samples in stream order (validation).
+            same streams, weights, seed and sizes.
+        seed: epoch ``e`` of source ``k`` visits its samples in the order ``torch.randperm`` gives with
+            seed ``seed + e + 1_000_003 * k``.
+        shuffle: ``False`` visits samples in stream order (validation; one source only).
         infinite: ``True`` starts the next epoch when one ends (training); ``False`` ends the
-            iteration at the end of the epoch (one pass, e.g. validation: stop earlier by breaking).
+            iteration at the end of the epoch (one pass, e.g. validation; one source only).
+        weights: a blend's weights, one per stream (relative; any positive numbers).
 
-    An epoch ends when fewer samples than one global batch remain; those few are skipped (every rank
-    must take the same number of steps). Iterating advances the loader's own state, so use one
-    iterator at a time; :meth:`state_dict` / :meth:`load_state_dict` save and restore it exactly.
+    The global sample sequence is the same for any ``dp_size``: global sample ``g`` is drawn from the
+    source whose share so far lags its weight the most (``weight * (g + 1) - drawn``, ties to the first),
+    so after ``g`` samples every source has had its share to within one sample, and which samples come
+    from where depends only on the weights. A source's ``j``-th draw is sample ``j mod n`` of its epoch
+    ``j // n``, a fresh permutation each epoch, where ``n`` is its sample count less the remainder of
+    a division by the global batch size (when it holds at least one global batch): a single source's
+    epochs end on step boundaries, the few samples left over from each permutation are skipped.
+    Iterating advances the loader's own state, so use one iterator at a time; :meth:`state_dict` /
+    :meth:`load_state_dict` save and restore it exactly, also under another ``dp_size`` with the same
+    global batch size.
     """
 
-    def __init__(self, stream: TokenStream, seq_len: int, local_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0, shuffle: bool = True, infinite: bool = True):
+    def __init__(self, streams: TokenStream | Sequence[TokenStream], seq_len: int, local_batch_size: int,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, infinite: bool = True,
+                 weights: Sequence[float] | None = None):
+        self.streams = [streams] if isinstance(streams, TokenStream) else list(streams)
+        weights = [1.0] * len(self.streams) if weights is None else [float(w) for w in weights]
         if seq_len < 1 or local_batch_size < 1:
             raise ValueError(f"seq_len ({seq_len}) and local_batch_size ({local_batch_size}) must be positive")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
-        self.stream, self.seq_len, self.local_batch_size = stream, seq_len, local_batch_size
+        if len(weights) != len(self.streams) or not self.streams or min(weights) <= 0:
+            raise ValueError(f"one positive weight per stream, got {weights} for {len(self.streams)} streams")
+        if len(self.streams) > 1 and not (shuffle and infinite):
+            raise ValueError("a blend of several streams is shuffled and endless; validate each stream on its own")
+        self.seq_len, self.local_batch_size = seq_len, local_batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.shuffle, self.infinite = shuffle, infinite
-        self.num_samples = stream.num_samples(seq_len)
-        if self.num_samples < self.global_batch_size:
-            raise ValueError(
-                f"the {stream.name!r} split is too short for one global batch: {stream.num_tokens:,} tokens make "
-                f"{self.num_samples:,} samples of seq_len {seq_len} (each needs seq_len + 1 tokens for the shifted "
-                f"labels), but one step needs {self.global_batch_size} (local_batch_size {local_batch_size} x "
-                f"{dp_size} data-parallel ranks). Use more data (or a larger data.val_fraction for validation), a "
-                f"shorter training.seq_len, or a smaller training.local_batch_size.")
-        self.epoch = 0
-        self.samples_consumed = 0  # in the current epoch, over all ranks
-        self._order_cache: tuple[int, np.ndarray] | None = None
+        self.shares = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.num_samples = [stream.num_samples(seq_len) for stream in self.streams]
+        for stream, num in zip(self.streams, self.num_samples):
+            if num < (self.global_batch_size if len(self.streams) == 1 else 1):
+                raise ValueError(
+                    f"the {stream.name!r} split is too short{' for one global batch' * (len(self.streams) == 1)}: "
+                    f"{stream.num_tokens:,} tokens make {num:,} samples of seq_len {seq_len} (each needs seq_len + 1 "
+                    f"tokens for the shifted labels), but one step needs {self.global_batch_size} (local_batch_size "
+                    f"{local_batch_size} x {dp_size} data-parallel ranks). Use more data (or a larger "
+                    f"data.val_fraction for validation), a shorter training.seq_len, or a smaller "
+                    f"training.local_batch_size.")
+        g = self.global_batch_size
+        self.epoch_samples = [num - num % g if num >= g else num for num in self.num_samples]
+        self.samples = 0  # global samples drawn so far, over all ranks
+        self.drawn = np.zeros(len(self.streams), dtype=np.int64)  # of them, from each source
+        self._order_cache: dict[int, tuple[int, np.ndarray]] = {}
 
     @property
     def global_batch_size(self) -> int:
@@ -147,68 +169,156 @@ class TokenLoader:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.num_samples // self.global_batch_size
+        """Steps of one pass over a single source."""
+        return self.epoch_samples[0] // self.global_batch_size
 
-    def _order(self, epoch: int) -> np.ndarray:
+    @property
+    def epoch(self) -> int:
+        """The epoch of the first source (of the only one, unless blended)."""
+        return int(self.drawn[0]) // self.epoch_samples[0]
+
+    def _order(self, source: int, epoch: int) -> np.ndarray:
         if not self.shuffle:
-            return np.arange(self.num_samples, dtype=np.int64)
-        if self._order_cache is None or self._order_cache[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._order_cache = (epoch, torch.randperm(self.num_samples, generator=generator).numpy())
-        return self._order_cache[1]
+            return np.arange(self.num_samples[source], dtype=np.int64)
+        cached = self._order_cache.get(source)
+        if cached is None or cached[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch + 1_000_003 * source)
+            cached = self._order_cache[source] = (epoch, torch.randperm(self.num_samples[source],
+                                                                       generator=generator).numpy())
+        return cached[1]
+
+    def _sources(self, count: int) -> np.ndarray:
+        """The source of each of the next ``count`` global samples (advancing ``drawn`` and ``samples``)."""
+        if len(self.streams) == 1:
+            self.drawn[0] += count
+            self.samples += count
+            return np.zeros(count, dtype=np.int64)
+        sources = np.empty(count, dtype=np.int64)
+        for i in range(count):
+            self.samples += 1
+            k = int(np.argmax(self.shares * self.samples - self.drawn))
+            self.drawn[k] += 1
+            sources[i] = k
+        return sources
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
-            if self.samples_consumed + self.global_batch_size > self.num_samples:
-                self.epoch, self.samples_consumed = self.epoch + 1, 0
-            first = self.samples_consumed + self.dp_rank * self.local_batch_size
-            batch = pack_samples(self.stream, self._order(self.epoch)[first:first + self.local_batch_size],
-                                 self.seq_len)
-            self.samples_consumed += self.global_batch_size
-            yield batch
-            if not self.infinite and self.samples_consumed + self.global_batch_size > self.num_samples:
-                self.epoch, self.samples_consumed = self.epoch + 1, 0
+            drawn_before = self.drawn.copy()
+            sources = self._sources(self.global_batch_size)
+            mine = slice(self.dp_rank * self.local_batch_size, (self.dp_rank + 1) * self.local_batch_size)
+            # The j-th draw of each source within this global batch: its count before plus its rank in the batch.
+            draws = drawn_before[sources] + _rank_within_group(sources)
+            parts, rows = [], []
+            for k in np.unique(sources[mine]):
+                picked = np.flatnonzero(sources[mine] == k)
+                j = draws[mine][picked]
+                epochs, positions = j // self.epoch_samples[k], j % self.epoch_samples[k]
+                indices = [int(self._order(int(k), int(e))[p]) for e, p in zip(epochs, positions)]
+                parts.append(pack_samples(self.streams[k], indices, self.seq_len))
+                rows.append(picked)
+            if len(parts) == 1:
+                yield parts[0]
+            else:  # back into the order of the global sequence
+                order = torch.from_numpy(np.argsort(np.concatenate(rows)))
+                yield Batch(*(torch.cat(ts)[order] for ts in zip(*(p._tensors() for p in parts))))
+            if not self.infinite and self.drawn[0] % self.epoch_samples[0] == 0:
                 return
 
+    def tokens_drawn(self) -> list[int]:
+        """Tokens drawn from each source so far, over all ranks (samples x seq_len)."""
+        return [int(d) * self.seq_len for d in self.drawn]
+
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "samples_consumed": self.samples_consumed, "num_samples": self.num_samples}
+        if len(self.streams) == 1:  # (the layout of every single-source checkpoint)
+            return {"epoch": self.epoch, "samples_consumed": int(self.drawn[0]) % self.epoch_samples[0],
+                    "num_samples": self.num_samples[0]}
+        state = {"samples": self.samples}
+        for k, (drawn, num) in enumerate(zip(self.drawn, self.num_samples)):
+            state.update({f"drawn_{k}": int(drawn), f"num_samples_{k}": num})
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        num_samples = int(state.get("num_samples", self.num_samples))
-        if num_samples != self.num_samples:
+        saved = [int(state["num_samples"])] if "num_samples" in state else [
+            int(state[f"num_samples_{k}"]) for k in range(len(self.streams)) if f"num_samples_{k}" in state]
+        if saved != self.num_samples:
+            names = ", ".join(repr(s.name) for s in self.streams)
             raise ValueError(
-                f"the data loader state was saved over {num_samples:,} samples but the {self.stream.name!r} split "
-                f"now has {self.num_samples:,} (seq_len {self.seq_len}): the dataset, tokenizer, val_fraction "
-                f"or seq_len changed, so the saved position does not apply")
-        consumed = int(state["samples_consumed"])
-        if not 0 <= consumed <= self.num_samples:
-            raise ValueError(f"samples_consumed {consumed} is outside [0, {self.num_samples}]")
-        self.epoch, self.samples_consumed = int(state["epoch"]), consumed
-
-
-def build_datasets(dataset: str = DEFAULT_CORPUS, text_field: str = "text", tokenizer_spec: str = DEFAULT_TOKENIZER,
-                   vocab_size: int = 8192, cache_dir: str | os.PathLike = "", val_fraction: float = 0.02, *,
-                   tokenizer_corpus: str | None = None) -> tuple[Tokenizer, TokenStream, TokenStream]:
-    """``[data]`` config values → ``(tokenizer, train stream, validation stream)``, building caches as needed.
-
-    The ``"default"`` tokenizer is trained on ``tokenizer_corpus`` (default: the default stdlib corpus,
-    so the default tokenizer is the same whichever dataset a run uses). Every rank may call this at
-    once; file locks make one process build each cache entry while the others wait for it.
-    """
-    if is_prepared(dataset):  # tokenised ahead by torchtrain.data.prepare: nothing to read or build here
-        tokenizer = load_tokenizer(Path(dataset) / TOKENIZER_FILE if tokenizer_spec == DEFAULT_TOKENIZER
-                                   else tokenizer_spec)
-        streams = open_prepared(dataset, tokenizer)
-    else:
-        corpus = open_corpus(dataset, text_field)
-        if tokenizer_spec == DEFAULT_TOKENIZER:
-            source = corpus if (tokenizer_corpus or DEFAULT_CORPUS) == dataset else open_corpus(
-                tokenizer_corpus or DEFAULT_CORPUS, text_field)
-            tokenizer = load_tokenizer(DEFAULT_TOKENIZER, vocab_size=vocab_size, cache_dir=cache_dir, corpus=source)
+                f"the data loader state was saved over {saved} samples but {names} now have {self.num_samples} "
+                f"(seq_len {self.seq_len}): the dataset, blend, tokenizer, val_fraction or seq_len changed, so "
+                f"the saved position does not apply")
+        if len(self.streams) == 1:
+            consumed = int(state["samples_consumed"])
+            if not 0 <= consumed <= self.epoch_samples[0]:
+                raise ValueError(f"samples_consumed {consumed} is outside [0, {self.epoch_samples[0]}]")
+            self.drawn[0] = self.samples = int(state["epoch"]) * self.epoch_samples[0] + consumed
         else:
-            tokenizer = load_tokenizer(tokenizer_spec)
-        streams = build_shards(corpus, tokenizer, cache_dir, val_fraction)
-    logger.info("data: %s; %r; train %s tokens in %s documents, val %s tokens in %s documents",
-                tokenizer, dataset, f"{streams['train'].num_tokens:,}", f"{streams['train'].num_documents:,}",
-                f"{streams['val'].num_tokens:,}", f"{streams['val'].num_documents:,}")
-    return tokenizer, streams["train"], streams["val"]
+            self.samples = int(state["samples"])
+            self.drawn[:] = [int(state[f"drawn_{k}"]) for k in range(len(self.streams))]
+
+
+def _rank_within_group(values: np.ndarray) -> np.ndarray:
+    """For each element, how many earlier elements have the same value: [1, 0, 1, 1] -> [0, 0, 1, 2]."""
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    group_start = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    counts = np.diff(np.r_[group_start, len(values)])
+    ranks = np.empty(len(values), dtype=np.int64)
+    ranks[order] = np.arange(len(values)) - np.repeat(group_start, counts)
+    return ranks
+
+
+def build_datasets(dataset: str | Sequence[str] = DEFAULT_CORPUS, text_field: str = "text",
+                   tokenizer_spec: str = DEFAULT_TOKENIZER, vocab_size: int = 8192, cache_dir: str | os.PathLike = "",
+                   val_fraction: float = 0.02, *, validation: Sequence[str] = (), tokenizer_corpus: str | None = None,
+                   ) -> tuple[Tokenizer, list[TokenStream], list[TokenStream]]:
+    """``[data]`` config values → ``(tokenizer, train streams, validation streams)``, building caches as needed.
+
+    ``dataset`` is one source or a blend's sources (files, folders or globs tokenised into the cache, or
+    folders prepared by ``torchtrain.data.prepare``); there is one train stream per source, and one
+    validation stream per source: its held-out split, or, when ``validation`` names held-out sources,
+    one per such source (all of a file source; a prepared folder's validation split).
+
+    The ``"default"`` tokenizer is the first prepared folder's own copy, or else the byte-level BPE
+    trained on ``tokenizer_corpus`` (default: the default stdlib corpus, so the default tokenizer is
+    the same whichever dataset a run uses). Every rank may call this at once: file locks make one
+    process build each cache entry while the others wait for it.
+    """
+    datasets = [dataset] if isinstance(dataset, str) else list(dataset)
+    corpora: dict[str, Corpus] = {}  # each opened (listed and fingerprinted) once
+
+    def corpus(source: str) -> Corpus:
+        if source not in corpora:
+            corpora[source] = open_corpus(source, text_field)
+        return corpora[source]
+
+    tokenizer = _resolve_tokenizer([*datasets, *validation], tokenizer_spec, vocab_size, cache_dir,
+                                   corpus(tokenizer_corpus or DEFAULT_CORPUS) if tokenizer_spec == DEFAULT_TOKENIZER
+                                   and not any(map(is_prepared, [*datasets, *validation])) else None)
+
+    def split(source: str, fraction: float, name: str) -> TokenStream:
+        if is_prepared(source):  # tokenised ahead: nothing to read or build here
+            return open_prepared(source, tokenizer)[name]
+        return build_shards(corpus(source), tokenizer, cache_dir, fraction)[name]
+
+    train = [split(source, val_fraction, "train") for source in datasets]
+    val = ([split(source, 1.0, "val") for source in validation] if validation
+           else [split(source, val_fraction, "val") for source in datasets])
+    for source, stream in zip(datasets, train):
+        logger.info("data: %r: train %s tokens in %s documents", source, f"{stream.num_tokens:,}",
+                    f"{stream.num_documents:,}")
+    for source, stream in zip(validation or datasets, val):
+        logger.info("data: %r: validation %s tokens in %s documents", source, f"{stream.num_tokens:,}",
+                    f"{stream.num_documents:,}")
+    logger.info("data: %s", tokenizer)
+    return tokenizer, train, val
+
+
+def _resolve_tokenizer(sources: list[str], spec: str, vocab_size: int, cache_dir: str | os.PathLike,
+                       bpe_corpus: Corpus | None) -> Tokenizer:
+    """``spec``, or for ``"default"`` the first prepared source's tokenizer, else the BPE trained on ``bpe_corpus``."""
+    if spec != DEFAULT_TOKENIZER:
+        return load_tokenizer(spec)
+    prepared = [source for source in sources if is_prepared(source)]
+    if prepared:  # the tokenizer the tokens were made with
+        return load_tokenizer(Path(prepared[0]) / TOKENIZER_FILE)
+    return load_tokenizer(DEFAULT_TOKENIZER, vocab_size=vocab_size, cache_dir=cache_dir, corpus=bpe_corpus)

@@ -96,10 +96,11 @@ def validation_mask(doc_indices: np.ndarray, val_fraction: float) -> np.ndarray:
     """Which of these corpus documents are held out: ``stable_unit_hash(index) < val_fraction``.
 
     When ``val_fraction > 0`` at least one document is held out (the one with the smallest hash), and
-    when there are at least two documents at least one stays in train (the one with the largest hash).
+    when there are at least two documents and ``val_fraction < 1`` at least one stays in train (the one
+    with the largest hash). ``val_fraction = 1`` holds out everything (a validation-only source).
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"[data].val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
     doc_indices = np.asarray(doc_indices, dtype=np.int64)
     if doc_indices.size == 0 or val_fraction == 0.0:
         return np.zeros(doc_indices.shape, dtype=bool)
@@ -107,7 +108,7 @@ def validation_mask(doc_indices: np.ndarray, val_fraction: float) -> np.ndarray:
     mask = unit < val_fraction
     if not mask.any():
         mask[np.argmin(unit)] = True
-    if mask.all() and mask.size > 1:
+    if mask.all() and mask.size > 1 and val_fraction < 1.0:
         mask[np.argmax(unit)] = False
     return mask
 
