@@ -535,6 +535,37 @@ def test_parquet_zstd_and_json_sources_read_as_their_documents(tmp_path):
         list(open_corpus(tmp_path / "a.parquet").documents())
 
 
+def test_hugging_face_dataset_folders_read_as_their_train_split(tmp_path):
+    """What datasets' save_to_disk writes (a Dataset, a DatasetDict) and a dataset repository's folder
+    whose README.md declares its configs (parquet files of a train and a test split)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    train = datasets.Dataset.from_dict({"id": [0, 1, 2], "body": ["first row", "second \u00e9", "third"]})
+    test = datasets.Dataset.from_dict({"id": [9], "body": ["held out"]})
+    train.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "saved_dict"))
+    datasets.DatasetDict({"test": test}).save_to_disk(str(tmp_path / "no_train"))
+    repository = tmp_path / "repository"
+    (repository / "data").mkdir(parents=True)
+    train.to_parquet(str(repository / "data" / "train-00000-of-00001.parquet"))
+    test.to_parquet(str(repository / "data" / "test-00000-of-00001.parquet"))
+    (repository / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                          "    path: data/train-*\n  - split: test\n    path: data/test-*\n---\n# notes\n")
+    for name in ("saved", "saved_dict", "repository"):
+        corpus = open_corpus(tmp_path / name, "body")
+        assert list(corpus.documents()) == ["first row", "second \u00e9", "third"], name
+        assert corpus.fingerprint != open_corpus(tmp_path / name, "id").fingerprint  # the column is in the key
+    with pytest.raises(ValueError, match=r"saved: no column 'text' \(it has: \['id', 'body'\]\)"):
+        list(open_corpus(tmp_path / "saved").documents())
+    with pytest.raises(ValueError, match=r"no_train could not be read as a Hugging Face dataset \(it holds the "
+                                         r"splits \['test'\], none named 'train'\)"):
+        list(open_corpus(tmp_path / "no_train", "body").documents())
+    (tmp_path / "saved" / "state.json").write_text("{garbled")
+    with pytest.raises(ValueError, match=r"saved could not be read as a Hugging Face dataset"):
+        list(open_corpus(tmp_path / "saved", "body").documents())
+
+
 def test_files_that_are_not_text_are_refused_by_name(tmp_path):
     archive = tmp_path / "data.zip"
     archive.write_bytes(b"PK\x03\x04" + b"\0" * 16)

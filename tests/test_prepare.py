@@ -142,3 +142,38 @@ def test_a_blended_run_draws_its_sources_by_weight_and_validates_each(corpus, pr
     saved = load_config(tmp_path / "run" / "config.toml").data  # the recipe the run saved reads back the same
     assert [(s.dataset, s.weight, s.name) for s in saved.blend] == [(str(prepared), 3.0, "prepared"),
                                                                     (str(corpus / "a.jsonl"), 1.0, "")]
+
+
+def test_a_hugging_face_dataset_prepared_with_a_model_folders_tokenizer(tokenizer, tmp_path):
+    """A saved ``datasets`` dataset, tokenised with a Llama-style model folder's tokenizer (its template adds
+    BOS; its tokenizer_config.json names BOS and EOS): every document starts with BOS and ends with EOS, the
+    folder carries both files, and the trainer opens it with that tokenizer or with its own copy."""
+    import datasets
+    import tokenizers
+    from torchtrain.data import build_datasets
+
+    datasets.disable_progress_bars()
+    texts = [f"def f{i}(x):\n    return x + {i}\n" * (i + 1) for i in range(30)]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+    model = tmp_path / "model"
+    model.mkdir()
+    backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", tokenizer.bos_id)])
+    backend.save(str(model / "tokenizer.json"))
+    (model / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>"}))
+
+    out = tmp_path / "tokens"
+    manifest = prepare(str(tmp_path / "saved"), str(model), out, workers=1, val_fraction=VAL_FRACTION)
+    assert manifest["tokenizer"]["add_bos"] and manifest["sources"]["saved"]["documents"] == 30
+    assert (out / "tokenizer_config.json").read_bytes() == (model / "tokenizer_config.json").read_bytes()
+    for spec in (str(model), "default"):
+        _, (train,), (val,) = build_datasets(str(out), tokenizer_spec=spec, val_fraction=VAL_FRACTION)
+        assert train.num_documents + val.num_documents == 30
+        for stream in (train, val):
+            for j in range(stream.num_documents):
+                document = stream.document(j)
+                assert document[0] == tokenizer.bos_id and document[-1] == tokenizer.eos_id
+                assert tokenizer.decode(document[1:-1].tolist()) == texts[stream.doc_indices[j]]
+    with pytest.raises(ValueError, match="prepared with the tokenizer"):  # the same vocabulary, without BOS
+        open_prepared(out, tokenizer)

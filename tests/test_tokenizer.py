@@ -235,3 +235,50 @@ def test_training_subset_is_deterministic_and_bounded(small_corpus):
 
 def test_repr(tok):
     assert isinstance(tok, Tokenizer) and "vocab_size=400" in repr(tok)
+
+
+def _hf_folder(tok, folder: Path, *, post_processor_bos: bool, config: dict | None) -> Path:
+    """A Hugging Face style tokenizer folder: tokenizer.json (optionally adding BOS, as Llama's does) and
+    tokenizer_config.json."""
+    backend = tokenizers.Tokenizer.from_str(tok.backend.to_str())
+    if post_processor_bos:
+        backend.post_processor = tokenizers.processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, tok.bos_id)])
+    folder.mkdir()
+    backend.save(str(folder / "tokenizer.json"))
+    if config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", **config}))
+    return folder
+
+
+@pytest.mark.parametrize("post_processor_bos,config", [
+    (True, {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN}),  # Llama-3: the post-processor adds BOS
+    (False, {"bos_token": None, "eos_token": EOS_TOKEN}),  # Qwen2: no BOS
+    (True, None),  # a bare tokenizer.json that adds BOS
+])
+def test_documents_start_as_transformers_starts_them(tok, tmp_path, post_processor_bos, config):
+    """The instrument: transformers' own tokenizer of the folder, encoding a text with its special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = _hf_folder(tok, tmp_path / "model", post_processor_bos=post_processor_bos, config=config)
+    ours = load_tokenizer(folder)
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **(config or {}))
+    for text in DOCS:
+        expected = reference(text)["input_ids"]
+        assert ours.document(ours.encode(text)) == expected + [ours.eos_id], text
+    assert ours.add_bos == post_processor_bos
+
+
+def test_tokenizer_config_sets_eos_and_bos_and_enters_the_hash(tok, tmp_path):
+    plain = _hf_folder(tok, tmp_path / "plain", post_processor_bos=True, config=None)
+    configured = _hf_folder(tok, tmp_path / "configured", post_processor_bos=True,
+                            config={"eos_token": {"content": PAD_TOKEN}, "add_bos_token": False})
+    a, b = load_tokenizer(plain), load_tokenizer(configured)
+    assert (a.eos_id, a.add_bos) == (tok.eos_id, True)
+    assert (b.eos_id, b.add_bos) == (tok.pad_id, False)  # the config's EOS, and its add_bos_token over the template
+    assert b.document([7, 8]) == [7, 8, tok.pad_id] and a.document([7, 8]) == [tok.bos_id, 7, 8, tok.eos_id]
+    assert a.content_hash != b.content_hash  # the shards they make differ, so do their cache keys
+    (configured / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
+        load_tokenizer(configured)

@@ -243,8 +243,10 @@ def _prompt_ids(args: argparse.Namespace, source: Source, tokenizer: Optional[To
     if source.kind == "hf":  # as the model's own tokenizer does it (e.g. a leading <|begin_of_text|>)
         ids = tokenizer.backend.encode(args.prompt).ids
         return ids or [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
-    # A training run saw every document after an end-of-document token: start the prompt the same way.
-    return [tokenizer.eos_id, *tokenizer.encode(args.prompt)]
+    # A training run saw every document after an end-of-document token (and its BOS, where the tokenizer
+    # adds one): start the prompt the same way.
+    return tokenizer.document(tokenizer.encode(args.prompt))[:-1] if tokenizer.add_bos else [
+        tokenizer.eos_id, *tokenizer.encode(args.prompt)]
 
 
 def _device(choice: str) -> torch.device:

@@ -14,7 +14,10 @@ into a :class:`Corpus`:
 - any other file (``.txt``, ``.md``, ...): the whole file is one document;
 - a directory: every ``.txt``, ``.jsonl``, ``.json`` and ``.parquet`` file below it, recursively, in sorted
   path order;
-- a glob pattern (``data/**/*.jsonl``): the matching files, sorted.
+- a glob pattern (``data/**/*.jsonl``): the matching files, sorted;
+- a Hugging Face ``datasets`` folder: one written by ``save_to_disk`` (its ``train`` split, if it holds
+  several), or a dataset repository's folder whose ``README.md`` declares its ``configs`` (its ``train``
+  split, streamed): one document per row, the text in column ``text_field``, read by ``datasets``.
 
 Each text file may be compressed with gzip, bzip2, xz (the standard library's decompressors) or zstd
 (``zstandard``): ``.jsonl.gz``, ``.txt.zst``, ...; other archives and binary files (``.zip``, ``.tar``,
@@ -55,6 +58,7 @@ import zstandard
 logger = logging.getLogger(__name__)
 
 DEFAULT_CORPUS = "stdlib"
+FILES, HF_SAVED, HF_REPOSITORY = "files", "hf_saved", "hf_repository"  # how a Corpus reads its documents
 DIRECTORY_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")  # one document per record, its text in [data].text_field
 
@@ -66,7 +70,8 @@ def _zstd_open(path: Path, mode: str = "rb"):
 
 DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": _zstd_open, ".zstd": _zstd_open}
 # Formats that look like data but are not text this reader can decode: refused by name.
-REFUSED_SUFFIXES = {".zip": "a zip archive", ".tar": "a tar archive", ".7z": "a 7z archive", ".arrow": "Arrow",
+REFUSED_SUFFIXES = {".zip": "a zip archive", ".tar": "a tar archive", ".7z": "a 7z archive",
+                    ".arrow": "Arrow (give the folder a Hugging Face dataset was saved to, not its files)",
                     ".npy": "a NumPy array", ".bin": "binary", ".pt": "a torch file"}
 # Bump when the meaning of a fingerprint changes (e.g. how files are turned into documents).
 _FINGERPRINT_VERSION = 1
@@ -82,7 +87,9 @@ def _accepted(spec: str) -> str:
         f".json array of records; the text in the field named by [data].text_field), a .parquet file (one "
         f"document per row, the text in the column [data].text_field), a directory (all "
         f"{', '.join(DIRECTORY_SUFFIXES)} files below it, recursively), a glob pattern such as "
-        f"'data/**/*.jsonl', or a folder written by python -m torchtrain.data.prepare; text files may be "
+        f"'data/**/*.jsonl', a Hugging Face datasets folder (written by save_to_disk, or a dataset repository "
+        f"whose README.md declares its configs), or a folder written by python -m torchtrain.data.prepare; "
+        f"text files may be "
         f"compressed with gzip, bzip2, xz or zstd (.jsonl.gz, .txt.zst, ...). Relative paths are resolved "
         f"from the current directory ({os.getcwd()})."
     )
@@ -93,13 +100,16 @@ class Corpus:
     """An ordered, read-only list of documents backed by files.
 
     ``files`` are absolute paths in document order; ``root`` is the folder their names in the
-    fingerprint are relative to (so moving a corpus does not invalidate its cache).
+    fingerprint are relative to (so moving a corpus does not invalidate its cache). ``reader`` is
+    ``FILES`` (each file read by its suffix), or ``HF_SAVED`` / ``HF_REPOSITORY`` (``root`` is a Hugging
+    Face dataset, read by ``datasets``; ``files`` are its files, for the fingerprint).
     """
 
     spec: str
     root: Path
     files: tuple[Path, ...]
     text_field: str = "text"
+    reader: str = FILES
 
     def __len__(self) -> int:
         """The number of files (not documents: a .jsonl file holds many)."""
@@ -116,6 +126,9 @@ class Corpus:
 
     def documents_by_file(self) -> Iterator[tuple[Path, Iterator[str]]]:
         """Each file and the texts of its documents (read lazily), in corpus order."""
+        if self.reader != FILES:
+            yield self.root, _hf_documents(self.root, self.reader, self.text_field)
+            return
         quiet = self.spec == DEFAULT_CORPUS
         for path in self.files:
             opener, inner = _decompressor(path)
@@ -135,7 +148,7 @@ class Corpus:
         """
         digest = hashlib.blake2b(digest_size=16)
         digest.update(f"torchtrain-corpus-v{_FINGERPRINT_VERSION}\0".encode())
-        if any(_decompressor(p)[1] in RECORD_SUFFIXES for p in self.files):
+        if self.reader != FILES or any(_decompressor(p)[1] in RECORD_SUFFIXES for p in self.files):
             digest.update(f"text_field={self.text_field}\0".encode())
         for path in self.files:
             data = path.read_bytes()
@@ -193,6 +206,12 @@ def open_corpus(spec: str | os.PathLike = DEFAULT_CORPUS, text_field: str = "tex
     if path.is_file():
         path = path.resolve()
         return Corpus(spec, path.parent, (path,), text_field)
+    if path.is_dir() and hf_dataset_reader(path):
+        root = path.resolve()
+        files = sorted((Path(d, f) for d, dirs, names in os.walk(root) for f in names
+                        if not any(part.startswith(".") for part in Path(d, f).relative_to(root).parts)),
+                       key=lambda p: p.relative_to(root).as_posix())
+        return Corpus(spec, root, tuple(files), text_field, hf_dataset_reader(path))
     if path.is_dir():
         root = path.resolve()
         suffixes = tuple(s + c for s in DIRECTORY_SUFFIXES for c in ("", *DECOMPRESSORS))
@@ -212,6 +231,51 @@ def open_corpus(spec: str | os.PathLike = DEFAULT_CORPUS, text_field: str = "tex
         return Corpus(spec, root, tuple(matches), text_field)
     raise FileNotFoundError(f"Dataset {spec!r} not found: there is no file or directory at {path.absolute()}. "
                             + _accepted(spec))
+
+
+def hf_dataset_reader(folder: Path) -> str | None:
+    """``HF_SAVED`` for a folder ``save_to_disk`` wrote, ``HF_REPOSITORY`` for a dataset repository whose
+    README.md declares its configs (what ``load_dataset`` reads), else None."""
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file() and (
+            folder / "dataset_info.json").is_file():
+        return HF_SAVED
+    readme = folder / "README.md"
+    if readme.is_file():
+        text = readme.read_text(errors="replace")
+        front = text.split("\n---", 1)[0] if text.startswith("---") else ""
+        if "\nconfigs:" in front:
+            return HF_REPOSITORY
+    return None
+
+
+def _hf_documents(root: Path, reader: str, text_field: str) -> Iterator[str]:
+    """The strings of column ``text_field`` of a Hugging Face dataset's train split, a batch of rows at a time.
+
+    A saved dataset is memory-mapped; a repository's files are streamed: neither is copied into a cache.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if reader == HF_SAVED:
+            dataset = datasets.load_from_disk(str(root))
+            if isinstance(dataset, datasets.DatasetDict):
+                if "train" not in dataset:
+                    raise ValueError(f"it holds the splits {list(dataset)}, none named 'train'")
+                dataset = dataset["train"]
+        else:
+            dataset = datasets.load_dataset(str(root), split="train", streaming=True)
+    except Exception as e:  # datasets raises its own kinds (and ValueError, OSError) for unreadable folders
+        raise ValueError(f"{root} could not be read as a Hugging Face dataset ({e})") from None
+    columns = dataset.column_names
+    if columns is not None and text_field not in columns:
+        raise ValueError(f"{root}: no column {text_field!r} (it has: {columns}); set [data].text_field to the "
+                         "column that holds the document text")
+    for batch in dataset.select_columns([text_field]).iter(batch_size=1024):
+        for text in batch[text_field]:
+            if not isinstance(text, str):
+                raise ValueError(f"{root}: column {text_field!r} holds a {type(text).__name__}, not a string")
+            yield text
 
 
 def _decompressor(path: Path):

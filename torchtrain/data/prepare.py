@@ -10,7 +10,9 @@ at the start of a run. The folder may live on shared storage. It holds::
     manifest.json          written last (its presence marks the folder complete): the tokenizer (path, content
                            hash, vocabulary, EOS/BOS ids), the corpus, per-source document and token counts, and
                            every shard with its tokens, documents, bytes and CRC-32
-    train-00000.bin ...    uint16 tokens (uint32 above 65,536 ids), each document followed by EOS
+    tokenizer.json         the tokenizer the tokens were made with (and its tokenizer_config.json, if it had one)
+    train-00000.bin ...    uint16 tokens (uint32 above 65,536 ids), each document followed by EOS (and preceded
+                           by BOS where the tokenizer's configuration adds one)
     train-00000.idx.npy    int64 [documents + 1]: where each document starts in the shard
     val-00000.bin ...      the held-out documents, chosen by a stable hash of the document's corpus index
                            (the same rule as the trainer's own cache, ``shards.validation_mask``)
@@ -45,8 +47,8 @@ import numpy as np
 from torchtrain.data.corpus import DEFAULT_CORPUS, Corpus, open_corpus, stable_unit_hash
 from torchtrain.data.prepared import MANIFEST, MANIFEST_FORMAT, TOKENIZER_FILE, is_prepared
 from torchtrain.data.shards import SPLITS, token_dtype, validation_mask
-from torchtrain.data.tokenizer import (DEFAULT_TOKENIZER, Tokenizer, load_tokenizer, tokenizer_from_file, train_bpe,
-                                       training_subset)
+from torchtrain.data.tokenizer import (CONFIG_FILE, DEFAULT_TOKENIZER, Tokenizer, load_tokenizer, tokenizer_from_file,
+                                       train_bpe, training_subset)
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ def _documents(corpus: Corpus) -> Iterator[tuple[int, str, str]]:
     """(corpus index, source name, text) of every document, in corpus order."""
     index = 0
     for path, texts in corpus.documents_by_file():
-        name = os.path.relpath(path, corpus.root)
+        name = os.path.relpath(path, corpus.root) if path != corpus.root else corpus.root.name  # (a HF dataset)
         for text in texts:
             yield index, name, text
             index += 1
@@ -149,13 +151,16 @@ def prepare(dataset: str, tokenizer_spec: str, out: str | os.PathLike, workers: 
     else:
         tokenizer = load_tokenizer(tokenizer_spec, corpus=open_corpus(DEFAULT_CORPUS)
                                    if tokenizer_spec == DEFAULT_TOKENIZER else None)
-        if not own.is_file():
-            _write_text(own, Path(tokenizer.path).read_text())  # the folder carries the tokenizer it was made with
+        if not own.is_file():  # the folder carries the tokenizer it was made with, and its BOS/EOS settings
+            config = Path(tokenizer.path).parent / CONFIG_FILE
+            if config.is_file():
+                _write_text(out / CONFIG_FILE, config.read_text())
+            _write_text(own, Path(tokenizer.path).read_text())
     settings = {"dataset": dataset, "text_field": text_field, "tokenizer_hash": tokenizer.content_hash,
                 "val_fraction": val_fraction, "shard_tokens": shard_tokens}
     progress = _read_progress(out, settings)
     keep = {f"{shard['name']}{suffix}" for split in SPLITS for shard in progress["shards"][split]
-            for suffix in (".bin", ".idx.npy", ".doc_index.npy")} | {_PROGRESS, TOKENIZER_FILE}
+            for suffix in (".bin", ".idx.npy", ".doc_index.npy")} | {_PROGRESS, TOKENIZER_FILE, CONFIG_FILE}
     for leftover in out.iterdir():  # an interrupted shard: written again from its first document
         if leftover.name not in keep:
             leftover.unlink()
@@ -165,7 +170,6 @@ def prepare(dataset: str, tokenizer_spec: str, out: str | os.PathLike, workers: 
 
     started = time.perf_counter()
     dtype = token_dtype(tokenizer.vocab_size)
-    eos = tokenizer.eos_id
     sources = progress["sources"]
     open_shards = {split: _Shard(out, split, len(progress["shards"][split]), dtype) for split in SPLITS}
     last_index = progress["documents_done"] - 1
@@ -196,7 +200,7 @@ def prepare(dataset: str, tokenizer_spec: str, out: str | os.PathLike, workers: 
             # guarantees (at least one document in each split), which a stream cannot know in advance.
             held = stable_unit_hash(np.array([index for index, _, _ in chunk], dtype=np.int64)) < val_fraction
             for (index, source, _), ids, held_out in zip(chunk, encoded, held):
-                tokens = np.asarray(ids + [eos], dtype=dtype)
+                tokens = np.asarray(tokenizer.document(ids), dtype=dtype)
                 open_shards["val" if held_out else "train"].add(index, tokens)
                 counts = sources.setdefault(source, {"documents": 0, "tokens": 0})
                 counts["documents"] += 1
@@ -221,7 +225,8 @@ def prepare(dataset: str, tokenizer_spec: str, out: str | os.PathLike, workers: 
         "format": MANIFEST_FORMAT, "dtype": dtype.name, "val_fraction": val_fraction,
         "tokenizer": {"path": TOKENIZER_FILE, "source": str(tokenizer_spec if not train_tokenizer else
                       f"BPE of {train_tokenizer} trained here"), "content_hash": tokenizer.content_hash,
-                      "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id},
+                      "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id,
+                      "add_bos": tokenizer.add_bos},
         "corpus": {"spec": dataset, "text_field": text_field, "files": len(corpus), "bytes": corpus.total_bytes},
         "sources": dict(sorted(sources.items())),
         "splits": {split: {"tokens": sum(s["tokens"] for s in progress["shards"][split]),
@@ -246,7 +251,7 @@ def _read_progress(out: Path, settings: dict) -> dict:
             raise ValueError(f"{out} holds an interrupted preparation with other settings ({progress.get('settings')}); "
                              f"use another --out or delete it")
         return progress
-    if any(p.name != TOKENIZER_FILE for p in out.iterdir()):
+    if any(p.name not in (TOKENIZER_FILE, CONFIG_FILE) for p in out.iterdir()):
         raise ValueError(f"{out} is not empty and holds no preparation to continue; use an empty or new folder")
     return {"settings": settings, "documents_done": 0, "shards": {split: [] for split in SPLITS}, "sources": {}}
 

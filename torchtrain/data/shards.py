@@ -1,6 +1,7 @@
 """Token shards: the corpus tokenised once into memory-mapped arrays on disk, split train / validation.
 
-Every document becomes its tokens followed by EOS. Documents are assigned to the validation split by
+Every document becomes its tokens followed by EOS (preceded by BOS where the tokenizer's configuration
+adds one: ``Tokenizer.document``). Documents are assigned to the validation split by
 a stable hash of their corpus index (``val_fraction`` of them; at least one when ``val_fraction > 0``),
 never by the run's seed, so the split is the same for every run over the same corpus. Each split is
 stored as one token stream plus document offsets::
@@ -181,15 +182,14 @@ def _build(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float, folder: Pa
     tmp.mkdir(parents=True)
     try:
         dtype = token_dtype(tokenizer.vocab_size)
-        eos = np.array([tokenizer.eos_id], dtype=dtype)
         indices, lengths = [], []
         with open(tmp / "all.bin", "wb") as out:
             for chunk in _chunks(corpus.documents()):
                 for (index, _), ids in zip(chunk, tokenizer.encode_batch([text for _, text in chunk])):
-                    out.write(np.asarray(ids, dtype=dtype).tobytes())
-                    out.write(eos.tobytes())
+                    document = tokenizer.document(ids)
+                    out.write(np.asarray(document, dtype=dtype).tobytes())
                     indices.append(index)
-                    lengths.append(len(ids) + 1)
+                    lengths.append(len(document))
         tokenised = time.perf_counter() - started
         indices_np = np.asarray(indices, dtype=np.int64)
         lengths_np = np.asarray(lengths, dtype=np.int64)
@@ -197,6 +197,7 @@ def _build(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float, folder: Pa
         meta = {"format": SHARD_FORMAT_VERSION, "dtype": dtype.name, "corpus": corpus.spec,
                 "corpus_fingerprint": corpus.fingerprint, "tokenizer": str(tokenizer.path),
                 "tokenizer_hash": tokenizer.content_hash, "eos_id": tokenizer.eos_id,
+                "bos_id": tokenizer.bos_id if tokenizer.add_bos else None,
                 "val_fraction": val_fraction,
                 "tokenize_seconds": round(tokenised, 2), "splits": {}}
         _split(tmp, indices_np, lengths_np, is_val, dtype, meta)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -55,10 +56,15 @@ class Tokenizer:
         path: the ``tokenizer.json`` it came from (``None`` for one built in memory).
         content_hash: hex digest identifying the tokenizer's exact JSON; computed if not given.
         eos_token: the end-of-document token; found among common names if not given.
+        bos_token: the beginning-of-document token; found among common names if not given.
+        add_bos: whether a document starts with BOS; if not given, whether the tokenizer's own
+            post-processor puts one in front of a text (Llama's do, GPT-2's and Qwen's do not).
+
+    A document's tokens are :meth:`document`: BOS (when ``add_bos``), its text's tokens, EOS.
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, path: Path | None = None, content_hash: str | None = None,
-                 eos_token: str | None = None):
+                 eos_token: str | None = None, bos_token: str | None = None, add_bos: bool | None = None):
         self.backend = backend
         # Documents are data: a literal "<|eos|>" in a source file must stay text, not end the document.
         backend.encode_special_tokens = True
@@ -70,7 +76,14 @@ class Tokenizer:
             raise ValueError(
                 f"tokenizer {path or '(in memory)'} has none of the end-of-document tokens {list(eos_names)}; "
                 f"documents are separated by one, so use a tokenizer that has one (or pass eos_token)")
-        self.bos_id = _first_id(backend, _BOS_CANDIDATES)
+        self.bos_id = _first_id(backend, (bos_token,) if bos_token else _BOS_CANDIDATES)
+        if add_bos is None:
+            with_specials = backend.encode("a", add_special_tokens=True).ids
+            add_bos = self.bos_id is not None and with_specials[:1] == [self.bos_id]
+        if add_bos and self.bos_id is None:
+            raise ValueError(f"tokenizer {path or '(in memory)'} is configured to add a BOS token but has none of "
+                             f"{[bos_token] if bos_token else list(_BOS_CANDIDATES)}")
+        self.add_bos = add_bos
         self.pad_id = _first_id(backend, (PAD_TOKEN, "<pad>", "[PAD]"))
         # The largest id + 1, which is what an embedding table must cover (added tokens included).
         self.vocab_size = max(backend.get_vocab_size(with_added_tokens=True),
@@ -78,6 +91,10 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def document(self, ids: list[int]) -> list[int]:
+        """A document's tokens as the shards hold them: [BOS] + ``ids`` + [EOS]."""
+        return [self.bos_id, *ids, self.eos_id] if self.add_bos else [*ids, self.eos_id]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts at once, in parallel across the CPU cores (the fast path for sharding)."""
@@ -94,7 +111,7 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return (f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id}, "
-                f"bos_id={self.bos_id})")
+                f"bos_id={self.bos_id}, add_bos={self.add_bos})")
 
 
 def _first_id(backend: tokenizers.Tokenizer, names: Iterable[str]) -> int | None:
@@ -105,8 +122,16 @@ def _first_id(backend: tokenizers.Tokenizer, names: Iterable[str]) -> int | None
     return None
 
 
+CONFIG_FILE = "tokenizer_config.json"  # beside a Hugging Face tokenizer.json: its BOS/EOS settings
+
+
 def tokenizer_from_file(path: str | os.PathLike, eos_token: str | None = None) -> Tokenizer:
-    """Load a ``tokenizer.json`` (or a folder holding one). Its hash is that of the file's bytes."""
+    """Load a ``tokenizer.json`` (or a folder holding one). Its hash is that of the file's bytes.
+
+    A ``tokenizer_config.json`` beside it (a Hugging Face model folder's) sets the BOS and EOS tokens
+    and whether documents start with BOS (``bos_token``, ``eos_token``, ``add_bos_token``), as
+    ``transformers`` applies them; those settings then enter the hash too.
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -120,7 +145,30 @@ def tokenizer_from_file(path: str | os.PathLike, eos_token: str | None = None) -
         backend = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
-    return Tokenizer(backend, path.resolve(), hashlib.sha256(data).hexdigest(), eos_token)
+    settings = _special_token_settings(path.parent / CONFIG_FILE)
+    if settings:
+        data += json.dumps(settings, sort_keys=True).encode()
+    return Tokenizer(backend, path.resolve(), hashlib.sha256(data).hexdigest(), eos_token or settings.get("eos_token"),
+                     settings.get("bos_token"), settings.get("add_bos_token"))
+
+
+def _special_token_settings(config_path: Path) -> dict:
+    """``bos_token``, ``eos_token`` (as strings) and ``add_bos_token`` of a tokenizer_config.json, where set."""
+    if not config_path.is_file():
+        return {}
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    settings = {}
+    for key in ("bos_token", "eos_token"):
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token  # {"content": "<s>", ...} in older files
+        if isinstance(token, str):
+            settings[key] = token
+    if isinstance(config.get("add_bos_token"), bool):
+        settings["add_bos_token"] = config["add_bos_token"]
+    return settings
 
 
 def train_bpe(documents: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
