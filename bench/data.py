@@ -14,12 +14,14 @@ What is measured, in one run:
   memory of the whole process tree (``ru_maxrss`` of the main process and of its largest worker, from
   ``getrusage``: the children's figure is the largest single child, not a sum, so the sum of the two is
   what is reported, an upper bound of the main process plus one worker), and shard bytes per token;
+* the same with Hugging Face ``datasets``, as its users tokenise a corpus: ``load_dataset("json",
+  data_files=...)`` (which first converts the files into its Arrow cache, a fresh one per run) and
+  ``.map(batched=True, num_proc=N)`` calling the same ``tokenizers`` tokenizer's ``encode_batch_fast`` and
+  appending EOS, into its Arrow cache; wall time of both steps together and the same peak memory figure;
 * start-up: ``open_prepared`` and the first ``TokenLoader`` batch on the result, and on a folder of 1,000
   shards (``--shard-tokens`` chosen so), the time a run spends before its first step on data.
 
-Not measured: Hugging Face ``datasets.map(num_proc=N)`` beside it (``datasets`` is not a dependency and is
-not installed here), so the issue's ratio targets are not evaluated. Results go to
-``bench/results/data.json`` (``--out``).
+Results go to ``bench/results/data.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -96,6 +98,49 @@ open(out + "/rss.json", "w").write(json.dumps({"main_mb": usage(resource.RUSAGE_
 """
 
 
+def run_datasets_map(corpus: Path, cache: Path, workers: int) -> dict:
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True)
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _DATASETS, str(corpus), str(cache), str(workers)], check=True,
+                         capture_output=True, text=True, cwd=provenance.REPO,
+                         env=dict(os.environ, PYTHONPATH=str(provenance.REPO), HF_DATASETS_CACHE=str(cache),
+                                  HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")).stdout
+    seconds = time.perf_counter() - started
+    measured = json.loads(out.strip().splitlines()[-1])
+    return {"workers": workers, "seconds": seconds, "load_s": measured["load_s"], "map_s": measured["map_s"],
+            "tokens": measured["tokens"], "tokens_per_s": measured["tokens"] / seconds,
+            "tokens_per_s_per_worker": measured["tokens"] / seconds / workers,
+            "peak_rss_mb": measured["main_mb"] + measured["worker_mb"], "peak_rss_main_mb": measured["main_mb"],
+            "peak_rss_largest_worker_mb": measured["worker_mb"],
+            "cache_bytes": sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())}
+
+
+# Hugging Face datasets' way, in a child whose getrusage sees only its own process tree.
+_DATASETS = """
+import json, resource, sys, time
+from pathlib import Path
+import datasets
+from torchtrain.data import load_tokenizer
+corpus, cache, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+datasets.disable_progress_bars()
+tokenizer = load_tokenizer("default")
+backend, eos = tokenizer.backend, tokenizer.eos_id
+def tokenize(batch):
+    return {"input_ids": [e.ids + [eos] for e in backend.encode_batch_fast(batch["text"], add_special_tokens=False)]}
+t = time.perf_counter()
+dataset = datasets.load_dataset("json", data_files=sorted(map(str, Path(corpus).glob("*.jsonl.zst"))),
+                                split="train", cache_dir=cache)
+loaded = time.perf_counter()
+tokens = dataset.map(tokenize, batched=True, num_proc=workers if workers > 1 else None, remove_columns=["text"])
+mapped = time.perf_counter()
+count = sum(len(ids) for batch in tokens.iter(batch_size=10_000) for ids in batch["input_ids"])
+usage = lambda who: resource.getrusage(who).ru_maxrss / 1024
+print(json.dumps({"load_s": loaded - t, "map_s": mapped - loaded, "tokens": count,
+                  "main_mb": usage(resource.RUSAGE_SELF), "worker_mb": usage(resource.RUSAGE_CHILDREN)}))
+"""
+
+
 def startup(folder: Path, seq_len: int = 2048, batch: int = 8) -> dict:
     """Seconds to open a prepared folder and cut the first batch from it, in a fresh process."""
     code = ("import time, sys; t = time.perf_counter()\n"
@@ -135,6 +180,21 @@ def main(argv: list[str] | None = None) -> None:
                   f"({r['tokens_per_s_per_worker'] / 1e6:.2f} M per worker), peak RSS {r['peak_rss_mb']:.0f} MB "
                   f"(main {r['peak_rss_main_mb']:.0f} + largest worker {r['peak_rss_largest_worker_mb']:.0f}), "
                   f"{r['bytes_per_token']:.1f} bytes/token", flush=True)
+        reference = []
+        for workers in sorted({1, args.workers}):
+            reference.append(run_datasets_map(tmp / "corpus", tmp / f"hf-cache-{workers}", workers))
+            r = reference[-1]
+            assert r["tokens"] == runs[0]["tokens"], (r["tokens"], runs[0]["tokens"])  # the same work
+            print(f"datasets.map, num_proc {workers}: {r['seconds']:.1f}s (load {r['load_s']:.1f}s, map "
+                  f"{r['map_s']:.1f}s), {r['tokens_per_s'] / 1e6:.2f} M tokens/s, peak RSS {r['peak_rss_mb']:.0f} MB "
+                  f"(main {r['peak_rss_main_mb']:.0f} + largest worker {r['peak_rss_largest_worker_mb']:.0f}), "
+                  f"cache {r['cache_bytes'] / 1e6:.0f} MB", flush=True)
+        ratios = [{"workers": ours["workers"], "throughput_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+                   "peak_rss_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"]}
+                  for ours, theirs in zip(runs, reference)]
+        for r in ratios:
+            print(f"{r['workers']} worker(s): prepare / datasets.map throughput {r['throughput_ratio']:.2f}x, "
+                  f"peak memory {r['peak_rss_ratio']:.2f}x", flush=True)
         tokens = runs[-1]["tokens"]
         many = run_prepare(tmp / "corpus", tmp / "tokens-many", args.workers, max(tokens // 1000, 1))
         start_few = startup(tmp / f"tokens-{args.workers}")
@@ -148,9 +208,9 @@ def main(argv: list[str] | None = None) -> None:
         "commit": provenance.commit(), "working_tree_dirty": provenance.tree_dirty(),
         "machine": {"cpu": provenance.cpu_name(), "cpus": os.cpu_count()},
         "corpus": {"text_bytes": text_bytes, "file_bytes": corpus_bytes, "format": ".jsonl.zst"},
-        "prepare": runs, "startup": {"shards": runs[-1]["shards"], **start_few},
+        "prepare": runs, "datasets_map": reference, "ratios": ratios,
+        "startup": {"shards": runs[-1]["shards"], **start_few},
         "startup_many_shards": {"shards": many["shards"], **start_many},
-        "not_measured": "datasets.map(num_proc=N): the datasets package is not installed",
     }
     provenance.write_report(args.out, report)
     print(f"results written to {args.out}")

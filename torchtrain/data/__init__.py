@@ -13,7 +13,6 @@ Follow a batch from disk to the model in four small modules:
 """
 
 from torchtrain.data.corpus import DEFAULT_CORPUS, Corpus, fingerprint, open_corpus, resolve_cache_dir
-from torchtrain.data.loader import IGNORE_INDEX, Batch, TokenLoader, build_datasets, pack_samples
 from torchtrain.data.shards import TokenStream, build_shards, load_shards, validation_mask
 from torchtrain.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer, load_tokenizer, tokenizer_from_file, train_bpe
 
@@ -23,3 +22,15 @@ __all__ = [
     "build_datasets", "build_shards", "fingerprint", "load_shards", "load_tokenizer", "open_corpus",
     "pack_samples", "resolve_cache_dir", "tokenizer_from_file", "train_bpe", "validation_mask",
 ]
+
+# The loader needs torch; it is imported on first use, so that `prepare` and its worker processes never
+# import torch (about 300 MB of memory a process).
+_LOADER_NAMES = ("IGNORE_INDEX", "Batch", "TokenLoader", "build_datasets", "pack_samples")
+
+
+def __getattr__(name: str):
+    if name in _LOADER_NAMES:
+        from torchtrain.data import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
