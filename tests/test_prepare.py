@@ -177,3 +177,22 @@ def test_a_hugging_face_dataset_prepared_with_a_model_folders_tokenizer(tokenize
                 assert tokenizer.decode(document[1:-1].tolist()) == texts[stream.doc_indices[j]]
     with pytest.raises(ValueError, match="prepared with the tokenizer"):  # the same vocabulary, without BOS
         open_prepared(out, tokenizer)
+
+
+def test_a_run_goes_on_with_a_blend_only_when_asked_and_then_from_the_blends_beginning(corpus, prepared, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torchtrain.config import ConfigError
+
+    out = tmp_path / "run"
+    run(out, "--training.steps", "4", "--data.dataset", str(prepared), "--training.val_every", "0")
+    blend = json.dumps([{"dataset": str(prepared), "weight": 1}, {"dataset": str(corpus / "a.jsonl"), "weight": 1}])
+    more = ["--training.steps", "6", "--data.blend", blend, "--data.cache_dir", str(tmp_path / "cache"),
+            "--training.val_every", "0"]
+    with pytest.raises(ConfigError, match=r"data.blend: checkpoint \[\], recipe .*--checkpoint.resume true"):
+        run(out, *more)
+    resumed = run(out, *more, "--checkpoint.resume", "true")
+    assert sorted(resumed.losses) == [5, 6]  # the model, optimizer and step went on
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    drawn = [events.Scalars(f"data/tokens/{name}")[-1].value for name in ("tokens", "a.jsonl")]
+    assert drawn == [4 * 64, 4 * 64]  # two steps of 4 samples of 64 tokens, from the blend's beginning

@@ -64,13 +64,15 @@ def check_checkpoint(config: Config) -> None:
                       "it deletes the folder's checkpoints, so it needs checkpoint.resume = false")
 
 
-def check_resume(config: Config, model: dict[str, Any]) -> None:
+def check_resume(config: Config, model: dict[str, Any]) -> list[str]:
     """Refuse, before anything is built, a resume setting that would clobber or mix up checkpoints.
 
     Reads only the folder's listing and the newest readable ``torchtrain.json``; every rank may call it.
+    Returns how the recipe's data differ from the checkpoint's when ``checkpoint.resume = true`` continues
+    a run with other data (then the data loader starts at the beginning of the new data).
     """
     if not config.checkpoint.enabled:
-        return
+        return []
     folder = Path(config.job.output_dir) / config.checkpoint.folder
     found = complete_checkpoints(folder)
     resume = config.checkpoint.resume
@@ -78,7 +80,7 @@ def check_resume(config: Config, model: dict[str, Any]) -> None:
         if resume is True:
             raise ConfigError(f"{config.source}: checkpoint.resume = true, but {folder} holds no checkpoint; "
                               "'auto' starts at step 0 when there is none")
-        return
+        return []
     newest = found[-1][1]
     if resume is False:
         if not config.checkpoint.overwrite:
@@ -86,13 +88,15 @@ def check_resume(config: Config, model: dict[str, Any]) -> None:
                 f"{config.source}: checkpoint.resume = false would start over in {folder}, which holds "
                 f"{len(found)} checkpoint(s) (newest {newest.name}) that its saves would replace; pass "
                 "--checkpoint.overwrite true to delete them, or give this run another job.output_dir")
-        return
+        return []
     saved = _newest_record(found)
     if saved is None:  # none readable: resume tries each and says why it cannot (load_newest_intact)
-        return
+        return []
     path, record = saved
     model_differences = _differences(record.get("model", {}), model)
-    data_differences = _differences(record.get("run", {}), run_record(config)) if resume == "auto" else []
+    data_differences = _differences(record.get("run", {}), run_record(config))
+    if resume is True and not model_differences:
+        return data_differences
     if model_differences or data_differences:
         # Only a run of the same model can go on with other data.
         allow = "" if model_differences else "pass --checkpoint.resume true to continue it with this recipe's data, "

@@ -73,8 +73,9 @@ class BlendSource:
 
 @dataclass
 class Data:
-    # "stdlib" (the Python standard library's sources), a .txt/.jsonl file, folder or glob (tokenised at the first
-    # start and cached), or a folder written by `python -m torchtrain.data.prepare` (tokenised ahead, in parallel).
+    # "stdlib" (the Python standard library's sources), a .txt/.jsonl/.json/.parquet file (plain or compressed), a
+    # folder or glob of them, or a Hugging Face datasets folder (tokenised at the first start and cached), or a
+    # folder written by `python -m torchtrain.data.prepare` (tokenised ahead, in parallel). See docs/data.md.
     dataset: str = "stdlib"
     text_field: str = "text"  # field (.jsonl/.json records) or column (.parquet) holding the text
     # A tokenizer.json, or a folder holding one (a Hugging Face model folder), or "default": the tokenizer of
@@ -133,10 +134,11 @@ class Checkpoint:
     every: int = 500  # save every N steps (and at the end); 0 saves only at the end
     keep_last: int = 2  # older checkpoints are deleted; 0 keeps all
     # "auto": continue from this run's newest intact checkpoint in the folder, or start at step 0 when
-    # there is none; a folder holding another run's checkpoints (another model, data.dataset,
+    # there is none; a folder holding another run's checkpoints (another model, data.dataset, data.blend,
     # data.tokenizer or training.seq_len) is refused. true: continue from the newest checkpoint even if the
-    # recipe's data differ (a new phase of the same run); an error when there is none. false: start at
-    # step 0; an error when the folder holds checkpoints, unless checkpoint.overwrite is true.
+    # recipe's data differ (a new phase of the same run, its data read from their beginning); an error when
+    # there is none. false: start at step 0; an error when the folder holds checkpoints, unless
+    # checkpoint.overwrite is true.
     resume: bool | str = "auto"
     # With resume = false: delete the folder's checkpoints at the start (nothing else ever deletes a
     # checkpoint but pruning, which removes only this run's older ones).

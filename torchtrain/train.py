@@ -105,7 +105,7 @@ def _train(config: Config, device: torch.device) -> TrainResult:
     rank = dist.get_rank()
     model_args = model_args_for(config, device)
     dims = check_run(config, model_args, dist.get_world_size(), device)  # before anything is written or built
-    check_resume(config, model_record(config.model.name, model_args))
+    data_changes = check_resume(config, model_record(config.model.name, model_args))
     output_dir = Path(config.job.output_dir)
     setup_logging(output_dir, rank)
     if rank == 0:
@@ -137,7 +137,11 @@ def _train(config: Config, device: torch.device) -> TrainResult:
                                         start_over=config.checkpoint.resume is False and config.checkpoint.overwrite)
     start_step = 0
     if checkpoints and config.checkpoint.resume is not False:
-        if checkpoints.load_newest_intact(state) is not None:
+        if data_changes:  # a new phase of the run: its data start at their beginning
+            logger.warning("resuming with other data (%s): the data loader starts at the new data's beginning",
+                           "; ".join(data_changes))
+        loaded = {key: value for key, value in state.items() if not (data_changes and key == "data")}
+        if checkpoints.load_newest_intact(loaded) is not None:
             start_step = state["step"].obj.step
             if start_step >= config.training.steps:
                 logger.warning("resumed at step %d of %d: nothing left to train (raise training.steps, or start "
