@@ -106,6 +106,18 @@ def test_a_stuck_rank_dumps_every_ranks_stacks_and_ends_the_job(tmp_path):
     assert "ending the process with exit status 124" in output
 
 
+def test_ranks_waiting_for_the_data_to_be_built_give_up_after_their_own_timeout_with_one_line(tmp_path):
+    """Rank 0 (the node's first) takes 60 s to build the data; rank 1 waits data.build_timeout_s = 3 s, not the
+    collectives' timeout, and says what to do."""
+    args = [*RECIPE, *tiny(tmp_path, *QUIET, "--training.local_batch_size", "2", "--data.build_timeout_s", "3")]
+    started = time.monotonic()
+    proc = torchrun(2, FAULTS, "slow_data", "0", "60", *args, check=False, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and time.monotonic() - started < 50, output[-4000:]
+    assert re.search(r"error: rank 1: the data were not built on every node within data.build_timeout_s = 3 s "
+                     r"\(.*\); tokenise a large corpus ahead with python -m torchtrain.data.prepare", output), output[-4000:]
+
+
 def test_a_killed_rank_restarts_the_group_from_the_newest_checkpoint_with_the_same_losses(tmp_path, single):
     args = [*RECIPE, *tiny(tmp_path, *QUIET, "--training.local_batch_size", "2", "--checkpoint.every", "2")]
     proc = torchrun(2, FAULTS, "kill", "1", "5", *args, launch=("--standalone", "--max-restarts=1"))

@@ -92,6 +92,9 @@ class Data:
     # loss/val/<name> (loss/val is their mean): all of each file source; a prepared folder's validation split
     # (all of it when prepared with --val-fraction 1).
     validation: list[str] = field(default_factory=list)
+    # How long ranks wait, at a start that tokenises data.dataset into the cache, for each node's first rank
+    # to build it (a pre-training corpus is prepared ahead instead, with python -m torchtrain.data.prepare).
+    build_timeout_s: int = 3600
     document_mask: bool = True  # packed documents neither attend to each other nor share RoPE positions
 
 
@@ -369,6 +372,7 @@ def validate(config: Config) -> None:
         ("training", "grad_accum_steps"), ("training", "val_batches"), ("metrics", "log_every"),
         ("data", "vocab_size"), ("parallelism", "dp_replicate"), ("parallelism", "tp"),
         ("parallelism", "pp"), ("parallelism", "cp"), ("parallelism", "collective_timeout_s"),
+        ("data", "build_timeout_s"),
     ]
     for section, key in positive:
         if getattr(getattr(config, section), key) < 1:

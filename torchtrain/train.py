@@ -14,6 +14,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -50,6 +51,10 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient norm stopped being finite; the last good checkpoint is kept."""
 
 
+class DataNotReady(RuntimeError):
+    """Ranks waited longer than ``data.build_timeout_s`` for the data to be built at the start."""
+
+
 @dataclass
 class TrainResult:
     losses: dict[int, float]  # global mean training loss of every step run
@@ -83,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, TrainingDiverged) as e:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank finds the same mistake: say it once
             print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except DataNotReady as e:  # seen by the ranks that waited, each its own: say it on each
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Preempted as e:
         if int(os.environ.get("RANK", "0")) == 0:
@@ -244,12 +252,15 @@ def build_data(config: Config, model_args: ModelArgs, dp_rank: int, dp_size: int
                               "data.tokenizer to the model's tokenizer.json")
     blend = config.data.blend or [BlendSource(config.data.dataset)]
     datasets = [source.dataset for source in blend]
-    try:
-        tokenizer, train_streams, val_streams = build_datasets(
-            datasets, config.data.text_field, tokenizer_spec, config.data.vocab_size, config.data.cache_dir,
-            config.data.val_fraction, validation=config.data.validation)
-    except (FileNotFoundError, ValueError) as e:  # unusable data settings: one message, no traceback
-        raise ConfigError(f"{config.source}: [data] {e}") from e
+
+    def build():
+        try:
+            return build_datasets(datasets, config.data.text_field, tokenizer_spec, config.data.vocab_size,
+                                  config.data.cache_dir, config.data.val_fraction, validation=config.data.validation)
+        except (FileNotFoundError, ValueError) as e:  # unusable data settings: one message, no traceback
+            raise ConfigError(f"{config.source}: [data] {e}") from e
+
+    tokenizer, train_streams, val_streams = build_once_per_node(build, config.data.build_timeout_s)
     if tokenizer.vocab_size > model_args.vocab_size:
         raise ConfigError(
             f"{config.source}: the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the "
@@ -277,6 +288,36 @@ def build_data(config: Config, model_args: ModelArgs, dp_rank: int, dp_size: int
     except ValueError as e:  # too little data (an empty file, say): named, no traceback
         raise ConfigError(f"{config.source}: {key}: {e}") from None
     return TrainingData(train_loader, train_names, validation)
+
+
+def build_once_per_node(build: Callable, timeout_s: int):
+    """``build()`` on every rank, run first by each node's first rank while the others wait.
+
+    What the data need built at a first start (a tokenizer, token shards) is built under file locks in
+    the cache: once per node, or once for all when the cache is on shared storage. Waiting for that in
+    the first collective of the run would fail it after ``parallelism.collective_timeout_s``; here the
+    ranks wait on a gloo barrier of its own timeout, ``data.build_timeout_s``, then every rank builds
+    (finding the cache done) or raises the same error the builder raised.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return build()
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if first_on_node:
+        try:
+            build()
+        except ConfigError:
+            pass  # raised again below, by every rank alike
+    try:
+        dist.barrier(group=group)
+    except RuntimeError as e:  # a node still building, or a rank gone
+        raise DataNotReady(
+            f"rank {dist.get_rank()}: the data were not built on every node within data.build_timeout_s = "
+            f"{timeout_s} s ({str(e).splitlines()[0]}); tokenise a large corpus ahead with python -m "
+            "torchtrain.data.prepare, or raise data.build_timeout_s") from None
+    finally:
+        dist.destroy_process_group(group)
+    return build()
 
 
 @dataclass

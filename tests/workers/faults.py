@@ -6,6 +6,8 @@ FAULT, on rank RANK in the STEP-th training step this process runs:
 * ``signal``: SIGUSR1 to itself after the step (a scheduler's warning reaching one rank only);
 * ``sleep``: sleeps inside the step for ten minutes (a stuck rank; its peers wait in a collective);
 * ``kill``: SIGKILL to itself inside the step, in torchrun's first attempt only (a dead rank);
+* ``slow_data``: sleeps STEP seconds on rank RANK before building the data (a large corpus tokenised at
+  the start on one node);
 * ``none``: nothing.
 """
 
@@ -35,5 +37,16 @@ def train_step_with_fault(*args, **kwargs):
     return result
 
 
+original_build = trainer.build_datasets
+
+
+def build_datasets_slowly(*args, **kwargs):
+    if int(os.environ.get("RANK", "0")) == fault_rank:
+        time.sleep(fault_step)
+    return original_build(*args, **kwargs)
+
+
 trainer.train_step = train_step_with_fault
+if fault == "slow_data":
+    trainer.build_datasets = build_datasets_slowly
 trainer.main(sys.argv[4:])
