@@ -28,7 +28,7 @@ import provenance
 sys.path.insert(0, str(provenance.REPO / "tests"))
 sys.path.insert(0, str(provenance.REPO))
 
-from test_plan import ACCURACY_CASES, predicted_vs_measured  # noqa: E402  (the test's own cases and code)
+from test_plan import ACCURACY_CASES, measure, predicted_vs_measured  # noqa: E402  (the test's own cases and code)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for world_size, cases in sorted(ACCURACY_CASES.items()):
             try:
-                results = predicted_vs_measured(world_size, cases, Path(tmp))
+                results = predicted_vs_measured(world_size, cases, measure(world_size, cases, Path(tmp)))
             except AssertionError as e:  # a layout the trainer cannot run today: recorded, not hidden
                 rows.append({"world_size": world_size, "cases": list(cases), "error": str(e)[-600:]})
                 continue

@@ -114,8 +114,9 @@ def test_ranks_waiting_for_the_data_to_be_built_give_up_after_their_own_timeout_
     proc = torchrun(2, FAULTS, "slow_data", "0", "60", *args, check=False, timeout=120)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and time.monotonic() - started < 50, output[-4000:]
-    assert re.search(r"error: rank 1: the data were not built on every node within data.build_timeout_s = 3 s "
-                     r"\(.*\); tokenise a large corpus ahead with python -m torchtrain.data.prepare", output), output[-4000:]
+    said = re.search(r"error: rank 1: the data were not built on every node within data.build_timeout_s = 3 s "
+                     r"\(.*\); tokenise a large corpus ahead with python -m torchtrain.data.prepare", output)
+    assert said, output[-4000:]
 
 
 def test_a_killed_rank_restarts_the_group_from_the_newest_checkpoint_with_the_same_losses(tmp_path, single):

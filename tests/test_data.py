@@ -550,8 +550,9 @@ def test_hugging_face_dataset_folders_read_as_their_train_split(tmp_path):
     (repository / "data").mkdir(parents=True)
     train.to_parquet(str(repository / "data" / "train-00000-of-00001.parquet"))
     test.to_parquet(str(repository / "data" / "test-00000-of-00001.parquet"))
-    (repository / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
-                                          "    path: data/train-*\n  - split: test\n    path: data/test-*\n---\n# notes\n")
+    (repository / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
+        "  - split: test\n    path: data/test-*\n---\n# notes\n")
     for name in ("saved", "saved_dict", "repository"):
         corpus = open_corpus(tmp_path / name, "body")
         assert list(corpus.documents()) == ["first row", "second \u00e9", "third"], name

@@ -1,4 +1,5 @@
-"""Every parallel layout trains like one process: same losses, gradient norms and validation loss.
+"""Every parallel layout trains like one process: same losses, gradient norms and validation loss;
+a compiled one compiles in its first step only.
 
 Each layout is a real ``torchrun`` job over gloo (CPU, fp32, the debug model with packed-document
 masking) that trains 4 steps from the layout-independent initialisation, checkpoints at step 2,
@@ -108,6 +109,9 @@ def test_layout_matches_the_single_process_run_and_resumes(tmp_path, single, nam
         assert got[key].keys() == single[key].keys(), key
         for step, value in single[key].items():
             assert got[key][step] == pytest.approx(value, rel=rel), (key, step)
+    if ON[0] in layout:  # compiled in the first step only (and for the first validation, under no_grad)
+        graphs = got["graphs_after_step"]
+        assert len(graphs) == STEPS and graphs[1] == graphs[0] > 0 and graphs[3] == graphs[2], graphs
     # Resumed from step 2 under the same layout: the uninterrupted run's steps 3 and 4.
     assert sorted(got["resumed_losses"], key=int) == ["3", "4"]
     for step in ("3", "4"):
