@@ -47,6 +47,10 @@ def single(tmp_path_factory):
 
 
 ON, OFF = ["--compile.enabled", "true"], []  # compile: the trainer's default backend (inductor) or none
+# Compiled and traced by AOTAutograd but run eagerly (aot_eager): where the layout adds nothing inside the
+# compiled blocks that inductor lowers differently from the layouts compiled with it (TP's collectives
+# inside blocks, FSDP's around them), and inductor's cold compile would cost half a minute more per layout.
+TRACED = ["--compile.enabled", "true", "--compile.backend", "aot_eager"]
 
 
 def ac(mode: str) -> list[str]:
@@ -60,13 +64,13 @@ def ac(mode: str) -> list[str]:
 # where it can run compiled (zero-bubble schedules are refused with compile: tests/test_pp.py; HSDP
 # runs FSDP's compiled path, covered by fsdp2_compiled, with one more all-reduce; the ring rotation
 # inside compiled blocks is tests/test_cp.py's ring_compile, traced with aot_eager: with inductor it
-# cost 150 s of the suite's time, cold):
+# cost 150 s of the suite's time, cold). Compiled layouts use inductor, the ones marked * aot_eager:
 #
 #   checkpointing | compile off                         | compile on
-#   none          | fsdp2, pp2_fsdp2, pp2_gpipe_fsdp2_accum2 | fsdp2_tp2
+#   none          | fsdp2, pp2_fsdp2, pp2_gpipe_fsdp2_accum2 | fsdp2_tp2*
 #   selective     | tp2, pp2_interleaved, pp2_cp2, cp2_ring | fsdp2_compiled
-#   full          | pp2_zero_bubble, hsdp2x2            | tp2_compiled_full, cp2_fsdp2
-#   layers (2/4)  | pp2_tp2_fsdp2                       | pp2_1f1b
+#   full          | pp2_zero_bubble, hsdp2x2            | tp2_compiled_full, cp2_fsdp2*
+#   layers (2/4)  | pp2_tp2_fsdp2                       | pp2_1f1b*
 LAYOUTS = {
     "fsdp2": (2, 2, ["--parallelism.dp_shard", "2", *OFF, *ac("none")]),
     "fsdp2_compiled": (2, 2, ["--parallelism.dp_shard", "2", *ON, *ac("selective")]),
@@ -76,12 +80,12 @@ LAYOUTS = {
     # in flight, which crashed the second block; a whole-block checkpoint traced inside the compiled
     # block crashed AOTAutograd (see parallel/__init__.py).
     "tp2_compiled_full": (2, 1, ["--parallelism.tp", "2", "--parallelism.dp_shard", "1", *ON, *ac("full")]),
-    "pp2_1f1b": (2, 1, ["--parallelism.pp", "2", "--parallelism.dp_shard", "1", *ON, *ac("layers")]),
+    "pp2_1f1b": (2, 1, ["--parallelism.pp", "2", "--parallelism.dp_shard", "1", *TRACED, *ac("layers")]),
     "pp2_interleaved": (2, 1, ["--parallelism.pp", "2", "--parallelism.dp_shard", "1",
                                "--parallelism.pp_schedule", "interleaved_1f1b", *OFF, *ac("selective")]),
     "pp2_zero_bubble": (2, 1, ["--parallelism.pp", "2", "--parallelism.dp_shard", "1",
                                "--parallelism.pp_schedule", "interleaved_zb", *OFF, *ac("full")]),
-    "fsdp2_tp2": (4, 2, ["--parallelism.tp", "2", "--parallelism.dp_shard", "2", *ON, *ac("none")]),
+    "fsdp2_tp2": (4, 2, ["--parallelism.tp", "2", "--parallelism.dp_shard", "2", *TRACED, *ac("none")]),
     "pp2_fsdp2": (4, 2, ["--parallelism.pp", "2", "--parallelism.dp_shard", "2", *OFF, *ac("none")]),
     # Two pipeline steps per optimizer step: FSDP reduces once, in the last (tests/test_pp.py counts it).
     # One sample per pipeline step: gpipe (1F1B needs a microbatch per stage).
@@ -91,7 +95,7 @@ LAYOUTS = {
     "pp2_tp2_fsdp2": (8, 2, ["--parallelism.pp", "2", "--parallelism.tp", "2", "--parallelism.dp_shard", "2",
                              *OFF, *ac("layers")]),
     # Context parallel: each rank holds a load-balanced half of every sequence; FSDP over dp_shard x cp.
-    "cp2_fsdp2": (4, 2, ["--parallelism.cp", "2", "--parallelism.dp_shard", "2", *ON, *ac("full")]),
+    "cp2_fsdp2": (4, 2, ["--parallelism.cp", "2", "--parallelism.dp_shard", "2", *TRACED, *ac("full")]),
     "cp2_ring": (2, 1, ["--parallelism.cp", "2", "--parallelism.dp_shard", "1", "--parallelism.cp_rotate", "ring",
                         *OFF, *ac("selective")]),
     "pp2_cp2": (4, 1, ["--parallelism.pp", "2", "--parallelism.cp", "2", "--parallelism.dp_shard", "1",
