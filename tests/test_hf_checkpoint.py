@@ -263,7 +263,7 @@ def test_initial_load_path_and_export_cli(tmp_path):
                      "--checkpoint.initial_load_path", str(tmp_path / "start"), "--model.name", "hf")
     config = load_config(REPO / "recipes/debug.toml", overrides)
     result = train(config)
-    train_loader, _ = build_data(config, args, 0, 1)
+    train_loader = build_data(config, args, 0, 1).train
     batch = next(iter(train_loader))
     with torch.no_grad():
         expected = start(batch.tokens, labels=batch.labels, **attention_inputs(batch, config)) / batch.num_valid_tokens()

@@ -269,15 +269,17 @@ def build_data(config: Config, model_args: ModelArgs, dp_rank: int, dp_size: int
         )
     train_names = source_names(datasets, [source.name for source in blend])
     val_names = source_names(config.data.validation) if config.data.validation else train_names
-    for name, stream in zip(train_names, train_streams):
-        stream.name = f"{name} train"
-    for name, stream in zip(val_names, val_streams):
-        stream.name = f"{name} validation"
+    if config.data.blend:  # named in messages by source
+        for name, stream in zip(train_names, train_streams):
+            stream.name = f"{name} train"
+    if config.data.blend or config.data.validation:
+        for name, stream in zip(val_names, val_streams):
+            stream.name = f"{name} validation"
     # Validation reads the same first batches of each held-out split every time, from a fresh loader.
     validation = {name: partial(TokenLoader, stream, config.training.seq_len, config.training.local_batch_size,
                                 dp_rank, dp_size, seed=config.job.seed, shuffle=False, infinite=False)
                   for name, stream in zip(val_names, val_streams)}
-    key = "data.blend" if config.data.blend else "data.dataset"
+    key = "data.blend" if config.data.blend else f"data.dataset = {config.data.dataset!r}"
     try:
         train_loader = TokenLoader(train_streams, config.training.seq_len, config.training.local_batch_size,
                                    dp_rank, dp_size, seed=config.job.seed, weights=[s.weight for s in blend])
