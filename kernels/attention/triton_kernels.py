@@ -16,11 +16,12 @@ Masks, shared by every kernel through :func:`_visible`:
 * ``HAS_DOCS``: ``doc_q[i] == doc_k[j] >= 0`` (a negative id marks padding: it sees nothing).
 
 Tile skipping: causal and window limits become loop bounds (fully masked key tiles are never
-visited). Documents skip a tile when the document-id ranges of the query tile and key tile do
-not overlap: if ``doc[i] == doc[j]`` for some pair, that id lies in both ``[min, max]`` ranges,
-so the test is exact for ANY ids; it is merely most effective when ids are non-decreasing
-(contiguous packed documents), as our loader produces. Skipped tiles still cost one load of
-``BLOCK_N`` ids.
+visited), and so do documents: the launcher computes, for each position, the span of positions on the
+other side holding its document (:func:`_document_spans`), and a tile visits only the union of its
+positions' spans (:func:`_span_range`). The loops thus have no data-dependent branch, which lets
+Triton software-pipeline their loads; the mask inside each tile keeps the result exact for ANY ids
+(interleaved documents only visit more tiles), and for contiguous packed documents, what our loader
+produces, the spans are the documents themselves.
 
 Softmax statistics are fp32 and kept in base 2 (``exp2``, scores pre-multiplied by
 ``scale * log2(e)``); ``lse`` is stored in natural log. A row that sees no key keeps
@@ -68,23 +69,42 @@ LN2 = 0.6931471805599453
 # ---------------------------------------------------------------------------------------
 
 
+def config_table(kind: str, major: int) -> list[tuple[int, int, int, int]]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` the autotuner tries for kernel ``kind`` ("fwd",
+    "dkdv", "dq") on a GPU of compute capability ``major``.x.
+
+    Each config compiles, without spilling a register, within the architecture's shared memory and with
+    its tensor-core instructions, for head dims 64 and 128, bf16 and fp16, causal, documents and window:
+    ``python bench/kernel_static.py`` compiles them all for sm_80, sm_90 and sm_100 (tests/test_kernel_static.py
+    the first of each in CI). The configs that spilled there were removed; dK/dV keeps four tiles in registers
+    and spills with a pipelined loop on sm_90/sm_100, so it runs one stage there.
+    """
+    tables = {
+        8: {  # Ampere (and the mma.sync GPUs after it: sm_89, sm_120): 163 KB of shared memory a block on A100
+            "fwd": [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+            "dkdv": [(32, 64, 8, 1), (32, 32, 8, 2), (32, 32, 4, 2)],
+            "dq": [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
+        },
+        9: {  # Hopper: 227 KB, wgmma needs tiles of at least 64 rows
+            "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
+            "dkdv": [(64, 64, 8, 1), (128, 64, 8, 1)],
+            "dq": [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 2)],
+        },
+        10: {  # Blackwell: 227 KB, tensor memory
+            "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
+            "dkdv": [(64, 64, 8, 1), (128, 64, 8, 1)],
+            "dq": [(64, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+        },
+    }
+    return tables[major if major in (9, 10) else 8][kind]
+
+
 def _configs(kind: str) -> list[triton.Config]:
     if INTERPRET:  # one small config: the interpreter is slow and there is nothing to tune
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
     major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 8
-    if major >= 9:  # Hopper: larger tiles, deeper pipelines
-        shapes = {
-            "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 32, 4, 3)],
-            "dkdv": [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)],
-            "dq": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-        }[kind]
-    else:  # Ampere and older: less shared memory (164 KB A100, 100 KB consumer)
-        shapes = {
-            "fwd": [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2)],
-            "dkdv": [(32, 128, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 1)],
-            "dq": [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2)],
-        }[kind]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in config_table(kind, major)]
 
 
 _KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOCS"]
@@ -136,10 +156,16 @@ def _query_range(start_n, q_len, offset, window, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _doc_range(docs, valid):
-    """``(min, max)`` document id over the valid positions of a tile."""
-    lo = tl.min(tl.where(valid, docs, 2147483647), axis=0)
-    hi = tl.max(tl.where(valid, docs, -2147483647), axis=0)
+def _span_range(SPAN, offs, valid, length, other_len, lo, hi, BLOCK: tl.constexpr):
+    """``[lo, hi)`` narrowed to the positions that share a document with the tile's positions ``offs``.
+
+    ``SPAN`` is this batch row's ``[2, length]`` spans (``_document_spans``): for each position, the
+    first and one-past-the-last position of the other side holding its document. The new ``lo`` is
+    ``BLOCK`` aligned; a tile whose documents the other side does not hold gets an empty range."""
+    first = tl.load(SPAN + offs, mask=valid, other=other_len)
+    end = tl.load(SPAN + length + offs, mask=valid, other=0)
+    lo = tl.maximum(lo, (tl.min(first, axis=0) // BLOCK) * BLOCK)
+    hi = tl.minimum(hi, tl.max(end, axis=0))
     return lo, hi
 
 
@@ -151,7 +177,7 @@ def _doc_range(docs, valid):
 @triton.autotune(configs=_configs("fwd"), key=_KEY)
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, DOCS, KV_DOCS,
+    Q, K, V, O, LSE, DOCS, KV_DOCS, KV_SPAN,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -182,53 +208,48 @@ def _fwd_kernel(
     q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_valid[:, None] & d_valid[None, :], other=0.0)
 
     doc_q = offs_m  # placeholder when there are no documents
-    doc_q_lo = 0
-    doc_q_hi = 0
     if HAS_DOCS:
         DOCS += b * stride_db
         KV_DOCS += b * stride_kdb
         doc_q = tl.load(DOCS + offs_m * stride_ds, mask=m_valid, other=0)
-        doc_q_lo, doc_q_hi = _doc_range(doc_q, m_valid)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     lo, hi = _key_range(start_m, kv_len, offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    if HAS_DOCS:
+        lo, hi = _span_range(KV_SPAN + b * 2 * q_len, offs_m, m_valid, q_len, kv_len, lo, hi, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < kv_len
         doc_k = offs_n
-        overlap = True
         if HAS_DOCS:
             doc_k = tl.load(KV_DOCS + offs_n * stride_kds, mask=n_valid, other=0)
-            doc_k_lo, doc_k_hi = _doc_range(doc_k, n_valid)
-            overlap = (doc_k_lo <= doc_q_hi) & (doc_k_hi >= doc_q_lo)
-        if overlap:
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-            if FP32_DOT:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * qk_scale  # base-2 logits
-            visible = _visible(offs_m, offs_n, q_len, kv_len, offset, window, doc_q, doc_k, CAUSAL, HAS_WINDOW,
-                               HAS_DOCS)
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # A row with nothing visible so far has m_new = -inf: shift by 0 instead so that
-            # exp2(-inf - -inf) never produces NaN (p and alpha are then exactly 0).
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_shift[:, None])
-            alpha = tl.math.exp2(m_i - m_shift)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            if FP32_DOT:
-                acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc += tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if FP32_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale  # base-2 logits
+        visible = _visible(offs_m, offs_n, q_len, kv_len, offset, window, doc_q, doc_k, CAUSAL, HAS_WINDOW,
+                           HAS_DOCS)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row with nothing visible so far has m_new = -inf: shift by 0 instead so that
+        # exp2(-inf - -inf) never produces NaN (p and alpha are then exactly 0).
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if FP32_DOT:
+            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -272,7 +293,7 @@ def _bwd_preprocess_kernel(
 @triton.autotune(configs=_configs("dkdv"), key=_KEY)
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DOCS, KV_DOCS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOCS, KV_DOCS, Q_SPAN,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -304,17 +325,16 @@ def _bwd_dkdv_kernel(
                 other=0.0)
 
     doc_k = offs_n
-    doc_k_lo = 0
-    doc_k_hi = 0
     if HAS_DOCS:
         DOCS += b * stride_db
         KV_DOCS += b * stride_kdb
         doc_k = tl.load(KV_DOCS + offs_n * stride_kds, mask=n_valid, other=0)
-        doc_k_lo, doc_k_hi = _doc_range(doc_k, n_valid)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, hi = _query_range(start_n, q_len, offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    if HAS_DOCS:
+        lo, hi = _span_range(Q_SPAN + b * 2 * kv_len, offs_n, n_valid, kv_len, q_len, lo, hi, BLOCK_M)
     for g in range(0, group):
         h = kv_h * group + g
         Qh = Q + b * stride_qb + h * stride_qh
@@ -324,38 +344,34 @@ def _bwd_dkdv_kernel(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < q_len
             doc_q = offs_m
-            overlap = True
             if HAS_DOCS:
                 doc_q = tl.load(DOCS + offs_m * stride_ds, mask=m_valid, other=0)
-                doc_q_lo, doc_q_hi = _doc_range(doc_q, m_valid)
-                overlap = (doc_k_lo <= doc_q_hi) & (doc_k_hi >= doc_q_lo)
-            if overlap:
-                q_mask = m_valid[:, None] & d_valid[None, :]
-                q = tl.load(Qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
-                do = tl.load(DOh + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
-                lse = tl.load(LSE + row0 + offs_m, mask=m_valid, other=0.0)
-                delta = tl.load(DELTA + row0 + offs_m, mask=m_valid, other=0.0)
-                # A row with lse = -inf sees no key: every entry is masked below anyway; shift
-                # by +inf so exp2 gives 0 rather than inf before the mask is applied.
-                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-                if FP32_DOT:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                visible = _visible(offs_m, offs_n, q_len, kv_len, offset, window, doc_q, doc_k, CAUSAL, HAS_WINDOW,
-                                   HAS_DOCS)
-                p = tl.where(visible, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
-                if FP32_DOT:
-                    dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-                    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                else:
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                    dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                if FP32_DOT:
-                    dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-                else:
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            q_mask = m_valid[:, None] & d_valid[None, :]
+            q = tl.load(Qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(DOh + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
+            lse = tl.load(LSE + row0 + offs_m, mask=m_valid, other=0.0)
+            delta = tl.load(DELTA + row0 + offs_m, mask=m_valid, other=0.0)
+            # A row with lse = -inf sees no key: every entry is masked below anyway; shift
+            # by +inf so exp2 gives 0 rather than inf before the mask is applied.
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            if FP32_DOT:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            visible = _visible(offs_m, offs_n, q_len, kv_len, offset, window, doc_q, doc_k, CAUSAL, HAS_WINDOW,
+                               HAS_DOCS)
+            p = tl.where(visible, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
+            if FP32_DOT:
+                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            if FP32_DOT:
+                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+            else:
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
 
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
@@ -367,7 +383,7 @@ def _bwd_dkdv_kernel(
 @triton.autotune(configs=_configs("dq"), key=_KEY)
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DOCS, KV_DOCS,
+    Q, K, V, DO, LSE, DELTA, DQ, DOCS, KV_DOCS, KV_SPAN,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -404,43 +420,38 @@ def _bwd_dq_kernel(
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
     doc_q = offs_m
-    doc_q_lo = 0
-    doc_q_hi = 0
     if HAS_DOCS:
         DOCS += b * stride_db
         KV_DOCS += b * stride_kdb
         doc_q = tl.load(DOCS + offs_m * stride_ds, mask=m_valid, other=0)
-        doc_q_lo, doc_q_hi = _doc_range(doc_q, m_valid)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi = _key_range(start_m, kv_len, offset, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    if HAS_DOCS:
+        lo, hi = _span_range(KV_SPAN + b * 2 * q_len, offs_m, m_valid, q_len, kv_len, lo, hi, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < kv_len
         doc_k = offs_n
-        overlap = True
         if HAS_DOCS:
             doc_k = tl.load(KV_DOCS + offs_n * stride_kds, mask=n_valid, other=0)
-            doc_k_lo, doc_k_hi = _doc_range(doc_k, n_valid)
-            overlap = (doc_k_lo <= doc_q_hi) & (doc_k_hi >= doc_q_lo)
-        if overlap:
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-            if FP32_DOT:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-                dp = tl.dot(do, tl.trans(v))
-            visible = _visible(offs_m, offs_n, q_len, kv_len, offset, window, doc_q, doc_k, CAUSAL, HAS_WINDOW,
-                               HAS_DOCS)
-            p = tl.where(visible, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
-            ds = p * (dp - delta[:, None])
-            if FP32_DOT:
-                dq += tl.dot(ds, k, input_precision="ieee")
-            else:
-                dq += tl.dot(ds.to(k.dtype), k)
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if FP32_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+            dp = tl.dot(do, tl.trans(v))
+        visible = _visible(offs_m, offs_n, q_len, kv_len, offset, window, doc_q, doc_k, CAUSAL, HAS_WINDOW,
+                           HAS_DOCS)
+        p = tl.where(visible, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+        if FP32_DOT:
+            dq += tl.dot(ds, k, input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(k.dtype), k)
 
     dq *= sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
@@ -458,16 +469,43 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
 
 def _common(q: torch.Tensor, document_ids, kv_document_ids, window: int):
     """The query and key document ids (placeholders without documents, the query ids when the keys
-    have none of their own), their four strides, and the kernels' compile-time flags."""
+    have none of their own), their four strides, the document spans each way (placeholders without
+    documents) and the kernels' compile-time flags."""
     head_dim = q.shape[-1]
     docs = document_ids if document_ids is not None else q.new_zeros(1, 1, dtype=torch.int32)
     kv_docs = kv_document_ids if kv_document_ids is not None else docs
+    kv_span = q_span = docs
+    if document_ids is not None:
+        kv_span, q_span = _document_spans(docs, kv_docs), _document_spans(kv_docs, docs)
     flags = dict(
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         HAS_WINDOW=window > 0, HAS_DOCS=document_ids is not None, FP32_DOT=q.dtype == torch.float32,
     )
     strides = (docs.stride(0), docs.stride(1), kv_docs.stride(0), kv_docs.stride(1))
-    return docs, kv_docs, strides, flags
+    return docs, kv_docs, kv_span, q_span, strides, flags
+
+
+def _document_spans(ids: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """int32 ``[B, 2, len(ids)]``: for each position of ``ids``, the first and one past the last position
+    of ``other`` holding the same document id; ``(len(other), 0)``, empty, where none does or the id is
+    negative (padding).
+
+    The kernels bound their tile loops by these spans (:func:`_span_range`), so the loops have no
+    data-dependent branch and Triton can pipeline their loads; the mask inside a tile stays exact.
+    Exact for any ids: sorted by id (stable, so each id's positions stay in order), an id's first and
+    last position are the two ends of its run. For contiguous documents (what the loader packs) the span
+    is the document itself.
+    """
+    length = other.shape[1]
+    sorted_ids, order = torch.sort(other.to(torch.int64), dim=1, stable=True)
+    wanted = ids.to(torch.int64).contiguous()
+    left = torch.searchsorted(sorted_ids, wanted, right=False)
+    right = torch.searchsorted(sorted_ids, wanted, right=True)
+    found = (right > left) & (wanted >= 0)
+    first = order.gather(1, left.clamp(max=length - 1))
+    last = order.gather(1, (right - 1).clamp(min=0))
+    spans = torch.stack([torch.where(found, first, length), torch.where(found, last + 1, 0)], dim=1)
+    return spans.to(torch.int32).contiguous()
 
 
 def forward(q, k, v, document_ids, kv_document_ids, causal: bool, window: int, scale: float):
@@ -477,10 +515,10 @@ def forward(q, k, v, document_ids, kv_document_ids, causal: bool, window: int, s
     group = num_q_heads // k.shape[1]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(batch, num_q_heads, q_len, dtype=torch.float32, device=q.device)
-    docs, kv_docs, doc_strides, flags = _common(q, document_ids, kv_document_ids, window)
+    docs, kv_docs, kv_span, _, doc_strides, flags = _common(q, document_ids, kv_document_ids, window)
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * num_q_heads)  # noqa: E731
     _fwd_kernel[grid](
-        q, k, v, out, lse, docs, kv_docs,
+        q, k, v, out, lse, docs, kv_docs, kv_span,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *doc_strides,
         num_q_heads, group, q_len, kv_len, window, scale * LOG2E,
         CAUSAL=causal, **flags,
@@ -494,7 +532,7 @@ def backward(dout, dlse, q, k, v, out, lse, document_ids, kv_document_ids, causa
     batch, num_q_heads, q_len, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
-    docs, kv_docs, doc_strides, flags = _common(q, document_ids, kv_document_ids, window)
+    docs, kv_docs, kv_span, q_span, doc_strides, flags = _common(q, document_ids, kv_document_ids, window)
 
     delta = torch.empty_like(lse)
     pre_block = 64
@@ -510,14 +548,14 @@ def backward(dout, dlse, q, k, v, out, lse, document_ids, kv_document_ids, causa
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout))
     grid_kv = lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * num_kv_heads)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](
-        q, k, v, dout, lse, delta, dk, dv, docs, kv_docs,
+        q, k, v, dout, lse, delta, dk, dv, docs, kv_docs, q_span,
         *common, *_strides3(dk), *_strides3(dv), *doc_strides,
         num_q_heads, num_kv_heads, group, q_len, kv_len, window, scale * LOG2E, scale,
         CAUSAL=causal, **flags,
     )
     grid_q = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * num_q_heads)  # noqa: E731
     _bwd_dq_kernel[grid_q](
-        q, k, v, dout, lse, delta, dq, docs, kv_docs,
+        q, k, v, dout, lse, delta, dq, docs, kv_docs, kv_span,
         *common, *_strides3(dq), *doc_strides,
         num_q_heads, group, q_len, kv_len, window, scale * LOG2E, scale,
         CAUSAL=causal, **flags,
