@@ -31,7 +31,7 @@ from torchtrain.plan.cli import planning_config  # noqa: E402
 from torchtrain.plan.planner import on_gpu, plan_layout  # noqa: E402
 from torchtrain.plan.search import search  # noqa: E402
 from torchtrain.plan.timing import DEFAULT_EFFICIENCY, GPUS  # noqa: E402
-from torchtrain.models.shape import model_args_for  # noqa: E402
+from torchtrain.plan.fake_step import gpu_model_args  # noqa: E402
 
 GPU = GPUS["a100-80g"]
 
@@ -137,7 +137,7 @@ def plan_candidate(row: str, name: str, ends_only: bool = True) -> dict:
     started = time.perf_counter()
     try:
         config = planning_config(load_config(provenance.REPO / recipe, overrides))
-        args = model_args_for(config, torch.device("cuda"))
+        args = gpu_model_args(config)
         # NOTE: pipelined candidates plan their first and last ranks only by default, to fit the CPU time
         # (--search and plan_layout without ends_only plan every rank).
         plan = plan_layout(config, args, gpus, GPU, DEFAULT_EFFICIENCY, ends_only=ends_only)
@@ -167,7 +167,7 @@ def plan_row(name: str, do_search: bool, max_measured: int = 4, ends_only: bool 
     started = time.perf_counter()
     try:
         config = planning_config(load_config(provenance.REPO / recipe, overrides))
-        args = model_args_for(config, torch.device("cuda"))
+        args = gpu_model_args(config)
         plan = plan_layout(config, args, gpus, GPU, DEFAULT_EFFICIENCY, ends_only=ends_only)
         row["published_layout"] = summary(plan)
         row["published_layout"]["ranks_planned"] = "first and last pipeline ranks" if ends_only else "all"

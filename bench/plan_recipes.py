@@ -25,7 +25,7 @@ sys.path.insert(0, str(provenance.REPO))
 import torch  # noqa: E402
 
 from torchtrain.config import load_config  # noqa: E402
-from torchtrain.models.shape import model_args_for  # noqa: E402
+from torchtrain.plan.fake_step import gpu_model_args  # noqa: E402
 from torchtrain.plan.cli import planning_config, world_size_of  # noqa: E402
 from torchtrain.plan.planner import on_gpu, plan_layout  # noqa: E402
 from torchtrain.plan.timing import DEFAULT_EFFICIENCY, GPUS  # noqa: E402
@@ -38,7 +38,7 @@ def plan_recipe(name: str) -> dict:
     started = time.perf_counter()
     config = planning_config(load_config(provenance.REPO / "recipes" / f"{name}.toml", []))
     world_size = world_size_of(config, None)
-    a100 = plan_layout(config, model_args_for(config, torch.device("cuda")), world_size, GPUS["a100-80g"],
+    a100 = plan_layout(config, gpu_model_args(config), world_size, GPUS["a100-80g"],
                        DEFAULT_EFFICIENCY)
     h100 = on_gpu(a100, GPUS["h100"])  # the same memory: both have 80 GiB
     peak_role = max(a100.roles, key=lambda r: r.peak_bytes)

@@ -41,13 +41,13 @@ def test_a_backend_without_a_mask_is_refused_by_name(monkeypatch):
     limited = dataclasses.replace(BACKENDS["sdpa"], masks=frozenset(MASKS) - {"window"})
     monkeypatch.setitem(BACKENDS, "sdpa", limited)
     q, k, v = _inputs(8, 8)
-    with pytest.raises(ValueError, match="'sdpa' does not implement the window mask.*'reference', 'triton'"):
+    with pytest.raises(ValueError, match="'sdpa' does not implement the window mask.*'reference', 'flex', 'triton'"):
         attention(q, k, v, backend="sdpa", window=3)
     attention(q, k, v, backend="sdpa")  # the masks it has still work
     config = Config(model=Model(attention="sdpa"))
     args = dataclasses.replace(get_model_args("debug"), attention="sdpa", sliding_window=64)
     with pytest.raises(ConfigError, match=r"model.attention = 'sdpa' does not implement the window mask this run "
-                                          r"needs; valid choices: \['reference', 'triton'\]"):
+                                          r"needs; valid choices: \['reference', 'flex', 'triton'\]"):
         check_run(config, args, 1, torch.device("cpu"))
     check_run(config, dataclasses.replace(args, sliding_window=0), 1, torch.device("cpu"))
 
@@ -76,3 +76,50 @@ def test_flops_count_the_keys_a_window_leaves():
         counts[window] = counter.flops
     assert counts[0] == 2 * 2 * 2 * 64 * 64 * 8  # QK^T and PV, 2 FLOPs per multiply-add
     assert counts[16] == counts[0] * 16 // 64
+
+
+@pytest.mark.parametrize("q_len", [20, 6])  # the square case, and a context-parallel chunk against all the keys
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("window", [0, WINDOW])
+def test_flex_gives_the_references_output_and_log_sum_exp(q_len, docs, window):
+    """FlexAttention (forward only on CPU: it has no CPU backward) against the fp64 reference, GQA 4:2."""
+    from torchtrain.models.attention import reference_attention
+
+    q, k, v = (t.double() for t in _inputs(q_len, 20, seed=3))
+    kv_ids = torch.tensor([[0] * 7 + [1] * 13, [0] * 3 + [1] * 2 + [2] * 15]) if docs else None
+    ids = None if kv_ids is None else kv_ids[:, 20 - q_len:]
+    kv_ids = kv_ids if q_len != 20 else None
+    out, lse = BACKENDS["flex"].fn(q, k, v, True, ids, kv_ids, window, None)
+    expected_out, expected_lse = reference_attention(q, k, v, causal=True, document_ids=ids, kv_document_ids=kv_ids,
+                                                     window=window)
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-12, atol=1e-12)
+
+
+def test_flex_rows_that_see_no_key_are_zero_with_an_infinitely_negative_log_sum_exp():
+    q, k, v = (t.double() for t in _inputs(8, 8, seed=4))
+    query_ids = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3]] * 2)
+    key_ids = torch.tensor([[1, 1, 1, 1, 2, 2, 2, 2]] * 2)
+    out, lse = BACKENDS["flex"].fn(q, k, v, False, query_ids, key_ids, 0, None)
+    nothing = (query_ids == 0) | (query_ids == 3)
+    assert torch.equal(out[:, :, nothing[0]], torch.zeros_like(out[:, :, nothing[0]]))
+    assert bool((lse[:, :, nothing[0]] == float("-inf")).all()) and lse[:, :, ~nothing[0]].isfinite().all()
+
+
+@pytest.mark.parametrize("device,document_mask,window,expected", [
+    ("cpu", True, 0, "sdpa"), ("cpu", False, 4, "sdpa"),
+    ("cuda", False, 0, "sdpa"),  # SDPA's flash / cuDNN kernels: plain causal attention
+    ("cuda", True, 0, "flex"), ("cuda", False, 4, "flex"),  # FlexAttention where documents or a window mask it
+])
+def test_auto_picks_a_backend_proven_on_the_device(device, document_mask, window, expected):
+    from torchtrain.models.shape import auto_attention
+
+    assert auto_attention(torch.device(device), document_mask, window) == expected
+
+
+def test_flex_cannot_train_on_a_cpu_and_says_so():
+    config = Config(model=Model(name="debug", attention="flex"), training=Training(seq_len=64))
+    args = dataclasses.replace(get_model_args("debug"), attention="flex")
+    with pytest.raises(ConfigError, match=r"model.attention = 'flex' has no backward on cpu, so it cannot train "
+                                          r"there; valid choices on cpu: \['sdpa', 'reference', 'triton'\]"):
+        check_run(config, args, 1, torch.device("cpu"))

@@ -180,7 +180,7 @@ def test_backward_gives_finite_gradients_everywhere():
     (dict(vocab_size=-1), "vocab_size"),
     (dict(norm_eps=0.0), "norm_eps"),
     (dict(dim=12, num_heads=4), "even"),
-    (dict(attention="flash"), r"valid choices: \['reference', 'sdpa'"),
+    (dict(attention="flash"), r"valid choices: \['flex', 'reference', 'sdpa', 'triton'\]"),
     (dict(rope_scaling=RopeScaling(low_freq_factor=4.0, high_freq_factor=1.0)), "low_freq_factor"),
 ])
 def test_validate_rejects_bad_args(override, message):

@@ -13,7 +13,7 @@ from torchtrain.config import load_config
 from torchtrain.plan.cli import main, planning_config
 from torchtrain.parallel import ParallelDims
 from torchtrain.plan.depth import stage_blocks
-from torchtrain.plan.fake_step import Target, measure_rank
+from torchtrain.plan.fake_step import Target, gpu_model_args, measure_rank
 from torchtrain.plan.gpu_ops import GPU_SAVED_FOR_BACKWARD, gpu_autograd
 from torchtrain.plan.planner import IN_FLIGHT, plan_layout, predict_peaks
 from torchtrain.plan.timing import GPUS
@@ -101,7 +101,7 @@ def debug_config(*overrides: str):
 ])
 def test_plans_the_debug_model_at_large_world_sizes(world_size, overrides):
     config = debug_config(*overrides)
-    args = model_args_for(config, torch.device("cuda"))
+    args = gpu_model_args(config)
     plan = plan_layout(config, args, world_size, GPUS["h100"], 0.5)
     assert len(plan.roles) == config.parallelism.pp and plan.fits
     for role in plan.roles:
@@ -124,7 +124,7 @@ def test_plans_the_debug_model_at_large_world_sizes(world_size, overrides):
 
 
 def test_full_checkpointing_costs_a_second_forward_and_saves_activations():
-    args = model_args_for(debug_config(), torch.device("cuda"))
+    args = gpu_model_args(debug_config())
     plain = plan_layout(debug_config(), args, 8, GPUS["h100"], 0.5)
     checkpointed = plan_layout(debug_config("--activation_checkpoint.mode", "full"), args, 8, GPUS["h100"], 0.5)
     ratio = checkpointed.roles[0].flops_per_step / plain.roles[0].flops_per_step
@@ -177,7 +177,7 @@ def test_search_returns_layouts_that_fit_with_their_overrides(capsys):
     config = debug_config("--training.seq_len", "128", *overrides)
     sizes = config.parallelism
     assert sizes.tp * sizes.pp * sizes.dp_replicate * sizes.dp_shard * sizes.cp == 2
-    plan = plan_layout(config, model_args_for(config, torch.device("cuda")), 2, GPUS["h100"], 0.5)
+    plan = plan_layout(config, gpu_model_args(config), 2, GPUS["h100"], 0.5)
     assert plan.fits and math.isfinite(plan.tokens_per_second_per_gpu)
 
 
@@ -196,7 +196,7 @@ DEPTH_CASES = {
 @pytest.mark.parametrize("name", sorted(DEPTH_CASES))
 def test_plans_traced_on_a_few_blocks_per_stage_match_fully_traced_ones(name):
     config = debug_config(*DEPTH_CASES[name])
-    args = dataclasses.replace(model_args_for(config, torch.device("cuda")), num_layers=8)
+    args = dataclasses.replace(gpu_model_args(config), num_layers=8)
     exact = plan_layout(config, args, 8, GPUS["h100"], 0.5, exact=True)
     fast = plan_layout(config, args, 8, GPUS["h100"], 0.5)
     for e, f in zip(exact.roles, fast.roles):
@@ -263,7 +263,7 @@ def test_a_pipeline_without_fsdp_plans_one_bf16_copy_of_each_weight_per_step():
     # of the weights serve every microbatch in flight, so a rank holds one copy of its stages' weights.
     config = debug_config("--training.seq_len", "16", "--training.local_batch_size", "4", "--parallelism.pp", "2",
                           "--parallelism.dp_shard", "1")
-    args = model_args_for(config, torch.device("cuda"))
+    args = gpu_model_args(config)
     plan = plan_layout(config, args, 2, GPUS["h100"], 0.5)
     d, kv, f = args.dim, args.num_kv_heads * args.head_dim, args.ffn_dim
     matmul_weights_per_block = 2 * d * d + 2 * d * kv + 3 * d * f  # wq, wo, wk, wv, w1, w2, w3

@@ -9,10 +9,9 @@ import torch
 
 from torchtrain.checks import check_run
 from torchtrain.config import ConfigError, load_config
-from torchtrain.models.shape import model_args_for
 from torchtrain.plan.cli import planning_config
 from torchtrain.plan.depth import measure_rank_by_depth
-from torchtrain.plan.fake_step import Target
+from torchtrain.plan.fake_step import Target, gpu_model_args
 from torchtrain.plan.layout import world_size_of
 from torchtrain.plan.planner import plan_layout, role_plan
 from torchtrain.plan.search import candidate_config, chosen_keys, layouts, overrides_of, print_search, search
@@ -57,7 +56,7 @@ def test_every_candidate_of_every_recipe_passes_the_checks_and_its_overrides_rep
     # (read back for one layout of each kind above 8 GPUs, where reading them all would take 10 s a recipe).
     config = planning_config(load_config(recipe))
     gpus = recipe_gpus(config)
-    args = model_args_for(config, torch.device("cuda"))
+    args = gpu_model_args(config)
     found = layouts(config, args, gpus)
     assert found
     candidates = {layout: candidate_config(config, layout, args.num_layers // 2) for layout in found}
@@ -87,7 +86,7 @@ def test_search_on_every_recipe_fits_or_ends_in_one_plain_error(recipe, capsys):
     replayed = planning_config(load_config(recipe, shlex.split(printed[2])))
     assert replayed == found[0].config
     if recipe.stem in REPLAYED:  # the printed overrides, read back from the recipe file, plan the same
-        plan = plan_layout(replayed, model_args_for(replayed, torch.device("cuda")), gpus, GPU, 0.5)
+        plan = plan_layout(replayed, gpu_model_args(replayed), gpus, GPU, 0.5)
         assert plan.dims == found[0].plan.dims and plan.peak_bytes == found[0].plan.peak_bytes
         assert plan.step_seconds == found[0].plan.step_seconds
 
@@ -96,7 +95,7 @@ def test_a_recipe_layout_key_does_not_leak_into_candidates():
     # llama2_70b_32k checkpoints 40 blocks in "layers" mode; a "full" candidate must not keep num_layers 40,
     # and must print the reset so that the recipe file plus the overrides is that candidate.
     config = planning_config(load_config(REPO / "recipes/llama2_70b_32k.toml"))
-    args = model_args_for(config, torch.device("cuda"))
+    args = gpu_model_args(config)
     layout = next(l for l in layouts(config, args, 128) if l.ac_mode == "full" and l.pp == 1)
     candidate = candidate_config(config, layout, args.num_layers // 2)
     assert candidate.activation_checkpoint.num_layers == 0
@@ -115,7 +114,7 @@ def test_middle_pipeline_ranks_measured_once_plan_as_if_each_were_measured(pp, e
     config = planning_config(load_config(REPO / "recipes/debug.toml", [
         "--model.name", "debug_30m", "--training.seq_len", "128", "--training.local_batch_size", "8",
         "--parallelism.pp", str(pp), "--parallelism.dp_shard", "1", *extra]))
-    args = model_args_for(config, torch.device("cuda"))
+    args = gpu_model_args(config)
     plan = plan_layout(config, args, pp, GPU, 0.5)
     assert [r.pp_rank for r in plan.roles] == list(range(pp))
     for role in plan.roles[1:-1]:

@@ -45,6 +45,10 @@ def check_run(config: Config, model_args: ModelArgs, world_size: int, device: to
     ``world_size`` processes of ``device``) and return its mesh sizes; raise ConfigError naming the
     recipe, the key and what would work."""
     check_model(config, model_args)
+    if device.type not in BACKENDS[model_args.attention].trains_on:
+        trains = [name for name, backend in BACKENDS.items() if device.type in backend.trains_on]
+        raise ConfigError(f"{config.source}: model.attention = {model_args.attention!r} has no backward on "
+                          f"{device.type}, so it cannot train there; valid choices on {device.type}: {trains}")
     check_optimizer(config)
     check_checkpoint(config)
     check_preemption(config)

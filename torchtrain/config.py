@@ -50,8 +50,9 @@ class Model:
     # A named size from torchtrain.models.registry, or "hf": the shape in the config.json of
     # checkpoint.initial_load_path (the Hugging Face model the run starts from).
     name: str = "debug"
-    # Attention backend: "triton" (our kernels), "sdpa" (PyTorch's), "reference" (plain PyTorch,
-    # the test oracle), or "auto": triton on CUDA, sdpa elsewhere.
+    # Attention backend: "sdpa" (PyTorch's), "flex" (PyTorch's FlexAttention; trains on CUDA only), "triton"
+    # (our kernels), "reference" (plain PyTorch, the test oracle), or "auto": on CUDA sdpa for plain causal
+    # attention and flex with document or window masks; sdpa elsewhere.
     attention: str = "auto"
     # Longest sequence the RoPE table covers; 0: the model's own (its released context). Raise it to
     # continue pre-training at a longer context than the release's, usually with a larger rope_theta.

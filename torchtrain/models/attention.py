@@ -7,9 +7,9 @@ calls it with ``Sq == Skv``; context parallelism (``torchtrain/parallel/cp.py``)
 queries against the all-gathered keys, ``Sq < Skv``.
 
 Backends live in :data:`BACKENDS`, a plain dict from name to :class:`AttentionBackend`: ``"sdpa"``
-(``F.scaled_dot_product_attention``), ``"reference"`` (the pure-PyTorch oracle) and
-``"triton"`` (the FlashAttention-2 style op ``torchtrain::flash_attention`` from
-``torchtrain.kernels.attention``). A backend declares what the rest of the trainer needs of it:
+(``F.scaled_dot_product_attention``), ``"flex"`` (PyTorch's FlexAttention with a block mask built
+from the masks), ``"reference"`` (the pure-PyTorch oracle) and ``"triton"`` (the FlashAttention-2
+style op ``torchtrain::flash_attention`` from ``torchtrain.kernels.attention``). A backend declares what the rest of the trainer needs of it:
 
 * its function ``fn(q, k, v, causal, document_ids, kv_document_ids, window, scale) -> (out, lse)``,
   ``lse`` the log-sum-exp ``[B, Hq, Sq]`` of each row's scores, or None where the backend cannot give it;
@@ -76,6 +76,8 @@ class AttentionBackend:
     saved_ops: tuple[Any, ...] = ()
     # FLOP formulas (torch.utils.flop_counter's signature) of ops of its own that torch's counter does not know.
     flop_formulas: dict[Any, Callable[..., int]] = field(default_factory=dict)
+    # The device types it has a backward on (what training needs).
+    trains_on: frozenset[str] = frozenset({"cpu", "cuda"})
 
 
 def _sdpa_mask(q_len: int, kv_len: int, causal: bool, document_ids: Optional[Tensor],
@@ -137,6 +139,52 @@ def _triton(q: Tensor, k: Tensor, v: Tensor, causal: bool, document_ids: Optiona
                            window=window, scale=scale)
 
 
+def _flex_block_mask(q: Tensor, k: Tensor, causal: bool, document_ids: Optional[Tensor],
+                     kv_document_ids: Optional[Tensor], window: int):
+    """FlexAttention's block mask of these masks (None when there are none): which (query, key) pairs are
+    visible, evaluated once per call into the sparse block table its kernels skip by."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if not causal and document_ids is None and not window:
+        return None
+    q_len, kv_len = q.shape[2], k.shape[2]
+    offset = kv_len - q_len  # queries are the last q_len positions
+    kv_ids = kv_document_ids if kv_document_ids is not None else document_ids
+
+    def visible(b, h, q_index, kv_index):
+        seen = kv_index >= 0
+        if causal:
+            seen = seen & (kv_index <= q_index + offset)
+        if window:
+            seen = seen & (kv_index > q_index + offset - window)
+        if document_ids is not None:
+            seen = seen & (document_ids[b, q_index] == kv_ids[b, kv_index]) & (kv_ids[b, kv_index] >= 0)
+        return seen
+
+    return create_block_mask(visible, q.shape[0] if document_ids is not None else None, None, q_len, kv_len,
+                             device=q.device)
+
+
+_compiled_flex_attention = None
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, causal: bool, document_ids: Optional[Tensor],
+          kv_document_ids: Optional[Tensor], window: int, scale: Optional[float]) -> tuple[Tensor, Tensor]:
+    # NOTE: FlexAttention is fused only when compiled: inside the trainer's compiled blocks it is; called
+    # eagerly on CUDA it is compiled here once (eager flex is its unfused reference). On CPU it runs eagerly.
+    global _compiled_flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
+
+    run = flex_attention
+    if q.is_cuda and not torch.compiler.is_compiling():
+        if _compiled_flex_attention is None:
+            _compiled_flex_attention = torch.compile(flex_attention)
+        run = _compiled_flex_attention
+    out, lse = run(q, k, v, block_mask=_flex_block_mask(q, k, causal, document_ids, kv_document_ids, window),
+                   scale=scale, enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
+    return out, lse
+
+
 def _keys_seen(q_shape, k_shape, window: int) -> tuple[int, ...]:
     """The key shape the kernels compute on: a window's keys at most per query (they skip the tiles outside it)."""
     return (*k_shape[:2], min(k_shape[2], window) if window > 0 else k_shape[2], k_shape[3])
@@ -172,6 +220,8 @@ BACKENDS: dict[str, AttentionBackend] = {
         _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
     }),
     "reference": AttentionBackend(_reference, frozenset(MASKS), block_backward=_reference_block_backward),
+    # FlexAttention has no backward on CPU (torch 2.13): it validates forward parity there, trains on CUDA.
+    "flex": AttentionBackend(_flex, frozenset(MASKS), trains_on=frozenset({"cuda"})),
     "triton": AttentionBackend(_triton, frozenset(MASKS), block_backward=torch.ops.torchtrain.flash_attention_backward,
                                saved_ops=(torch.ops.torchtrain.flash_attention.default,), flop_formulas={
         torch.ops.torchtrain.flash_attention: _flash_attention_flops,

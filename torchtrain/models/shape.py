@@ -30,7 +30,7 @@ def model_args_from_hf_folder(folder: str | Path) -> ModelArgs:
 
 
 def model_args_for(config: Config, device: torch.device) -> ModelArgs:
-    """The recipe's model shape with its attention backend ("auto": triton on CUDA, sdpa elsewhere) and the
+    """The recipe's model shape with its attention backend ("auto": :func:`auto_attention`) and the
     recipe's overrides of its context length, RoPE base and sliding window.
 
     ``model.name = "hf"`` reads ``checkpoint.initial_load_path``'s ``config.json``; a folder that gives
@@ -54,5 +54,15 @@ def model_args_for(config: Config, device: torch.device) -> ModelArgs:
     args.rope_theta = config.model.rope_theta or args.rope_theta
     args.sliding_window = config.model.sliding_window or args.sliding_window
     attention = config.model.attention
-    args.attention = ("triton" if device.type == "cuda" else "sdpa") if attention == "auto" else attention
+    args.attention = auto_attention(device, config.data.document_mask, args.sliding_window) if attention == "auto" \
+        else attention
     return args
+
+
+def auto_attention(device: torch.device, document_mask: bool, sliding_window: int) -> str:
+    """``model.attention = "auto"``: a backend others have proven on the device. On CUDA, PyTorch's SDPA
+    (flash / cuDNN) for plain causal attention and FlexAttention where documents or a window mask it; our
+    Triton kernels only by name until a GPU check has measured them correct and faster. SDPA elsewhere."""
+    if device.type == "cuda" and (document_mask or sliding_window):
+        return "flex"
+    return "sdpa"

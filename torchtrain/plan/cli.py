@@ -62,10 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.check:
             print_check(config, world_size)
             return
-        from torchtrain.models.shape import model_args_for
+        from torchtrain.plan.fake_step import gpu_model_args
 
-        plan = plan_layout(config, model_args_for(config, torch.device("cuda")), world_size, gpu, args.efficiency,
-                           exact=args.exact)
+        plan = plan_layout(config, gpu_model_args(config), world_size, gpu, args.efficiency, exact=args.exact)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

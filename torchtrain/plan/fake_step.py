@@ -46,6 +46,19 @@ from torchtrain.plan.gpu_ops import gpu_autograd
 from torchtrain.plan.tracker import MemorySnapshot, MemoryTracker, fsdp_known_tensors
 
 
+def gpu_model_args(config):
+    """The recipe's model shape for a GPU run, as the planner traces it: ``model.attention = "auto"`` is
+    planned with our Triton op, a stand-in for what auto picks on CUDA (SDPA's flash and cuDNN kernels and
+    FlexAttention save the same q, k, v, output and log-sum-exp and run the same FLOPs) that the fake
+    step can trace without a device."""
+    from torchtrain.models.shape import model_args_for
+
+    args = model_args_for(config, torch.device("cuda"))
+    if config.model.attention == "auto":
+        args.attention = "triton"
+    return args
+
+
 @dataclass(frozen=True)
 class Target:
     """What the plan is for. GPU plans use bf16 and the Triton attention; the CPU target is the

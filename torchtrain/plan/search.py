@@ -186,9 +186,9 @@ def search(config: Config, world_size: int, gpu: Device, efficiency: float, top:
 
     At most ``max_measured`` layouts (the fastest by the closed-form estimate) are measured. Each
     candidate's ``overrides`` reproduce its ``config`` from the recipe file (``config.source``)."""
-    from torchtrain.models.shape import model_args_for
+    from torchtrain.plan.fake_step import gpu_model_args
 
-    args = model_args_for(config, torch.device("cuda"))
+    args = gpu_model_args(config)
     seq = config.training.seq_len
     tokens_per_gpu = config.training.local_batch_size * config.training.grad_accum_steps * _recipe_dp(
         config, world_size) * seq / world_size
