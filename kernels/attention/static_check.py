@@ -44,7 +44,23 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import create_function_from_signature
 
-from torchtrain.kernels.attention import triton_kernels
+
+def _compiled_kernels():
+    """``triton_kernels`` decorated for the compiler whatever ``TRITON_INTERPRET`` says now (the kernels are
+    compiled here, never run); an error if this process already imported them for the interpreter."""
+    import importlib
+    import sys
+
+    name = "torchtrain.kernels.attention.triton_kernels"
+    if name not in sys.modules:
+        with knobs.runtime.scope():
+            knobs.runtime.interpret = False
+            importlib.import_module(name)
+    if sys.modules[name].INTERPRET:
+        raise RuntimeError("the attention kernels were imported for Triton's interpreter in this process; "
+                           "compile them in a process without TRITON_INTERPRET=1")
+    return sys.modules[name]
+
 
 # Shared memory one block may use (the opt-in maximum), in bytes: A100 163 KB; H100, H200, B200 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
@@ -145,18 +161,19 @@ def launches(variant: Variant, seq_len: int = 256, batch: int = 2, q_heads: int 
     docs = torch.zeros(batch, seq_len, dtype=torch.int32) if variant.documents else None
     scale = 1 / math.sqrt(variant.head_dim)
     recorded: list[Launch] = []
-    with _recording(recorded):
-        out, lse = triton_kernels.forward(q, k, v, docs, None, variant.causal, variant.window, scale)
-        triton_kernels.backward(torch.zeros_like(out), None, q, k, v, out, lse, docs, None, variant.causal,
-                                variant.window, scale)
+    kernels = _compiled_kernels()
+    with _recording(kernels, recorded):
+        out, lse = kernels.forward(q, k, v, docs, None, variant.causal, variant.window, scale)
+        kernels.backward(torch.zeros_like(out), None, q, k, v, out, lse, docs, None, variant.causal,
+                         variant.window, scale)
     return recorded
 
 
 @contextlib.contextmanager
-def _recording(recorded: list[Launch]) -> Iterator[None]:
-    """Replace the module's kernels by recorders of their launches (and the outputs they would write)."""
+def _recording(kernels, recorded: list[Launch]) -> Iterator[None]:
+    """Replace the module's kernels by recorders of their launches."""
     names = {**_AUTOTUNED, "preprocess": "_bwd_preprocess_kernel"}
-    originals = {kind: getattr(triton_kernels, name) for kind, name in names.items()}
+    originals = {kind: getattr(kernels, name) for kind, name in names.items()}
 
     class Recorder:
         def __init__(self, kind: str, kernel):
@@ -167,18 +184,18 @@ def _recording(recorded: list[Launch]) -> Iterator[None]:
 
     try:
         for kind, name in names.items():
-            setattr(triton_kernels, name, Recorder(kind, originals[kind]))
+            setattr(kernels, name, Recorder(kind, originals[kind]))
         yield
     finally:
         for kind, name in names.items():
-            setattr(triton_kernels, name, originals[kind])
+            setattr(kernels, name, originals[kind])
 
 
 def configs(kernel: str, arch: int) -> list[tuple[int | None, int | None, int, int]]:
     """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` the autotuner tries for ``kernel`` on ``arch``."""
     if kernel == "preprocess":
         return [(None, None, _DEFAULT_WARPS, _DEFAULT_STAGES)]
-    return triton_kernels.config_table(kernel, arch // 10)
+    return _compiled_kernels().config_table(kernel, arch // 10)
 
 
 def compile_launch(launch: Launch, arch: int, config: tuple, variant: Variant) -> StaticReport:
