@@ -20,7 +20,7 @@ from torchtrain.models.shape import model_args_for
 from torchtrain.parallel import ParallelDims
 from torchtrain.parallel.pp import split_layers
 from torchtrain.plan.cli import planning_config
-from torchtrain.plan.fake_step import Target
+from torchtrain.plan.fake_step import Target, gpu_model_args
 from torchtrain.plan.planner import FSDP_DIMS, dimension_spans, on_gpu, plan_layout
 from torchtrain.plan.timing import GPUS, LINK_EFFICIENCY, MEASURED_EFFICIENCY, measured_device
 
@@ -33,7 +33,7 @@ H100 = GPUS["h100"]
 def plan(world_size: int, *overrides: str, num_layers: int | None = None):
     config = planning_config(load_config(REPO_RECIPE, [f"--training.seq_len={SEQ}",
                                                        f"--training.local_batch_size={BATCH}", *overrides]))
-    args = model_args_for(config, torch.device("cuda"))
+    args = gpu_model_args(config)
     if num_layers is not None:
         args = dataclasses.replace(args, num_layers=num_layers)
     return plan_layout(config, args, world_size, H100, 0.5, exact=True), args
