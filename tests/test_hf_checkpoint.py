@@ -124,6 +124,19 @@ def _assert_same(model: Transformer, reference: Transformer) -> None:
         torch.testing.assert_close(got[name], value, atol=0, rtol=0, msg=name)
 
 
+def _assert_export_equals(tmp_path: Path, ref: Transformer, args: ModelArgs, family: str, hf_sd: dict) -> None:
+    """``export_hf`` as ``family`` writes exactly the hand-built ``hf_sd`` and a config.json giving ``args`` back."""
+    from safetensors.torch import load_file
+
+    out = export_hf(ref.state_dict(), args, tmp_path / f"export_{family}", family, max_shard_bytes=30_000)
+    files = hf_weight_files(out)
+    assert len(set(files.values())) >= 2 and set(files) == set(hf_sd)
+    written = {k: v for name in set(files.values()) for k, v in load_file(out / name).items()}
+    for key, value in hf_sd.items():
+        torch.testing.assert_close(written[key], value, atol=0, rtol=0, msg=key)
+    assert model_args_from_hf_config(json.loads((out / "config.json").read_text())) == args
+
+
 def test_qwen1_packed_c_attn_and_swapped_mlp(tmp_path):
     args = dataclasses.replace(TINY, num_kv_heads=4, qkv_bias=True, norm_eps=1e-6)  # Qwen 1 is MHA, c_attn has a bias
     ref = _ours(args)
@@ -149,6 +162,7 @@ def test_qwen1_packed_c_attn_and_swapped_mlp(tmp_path):
     model = _ours(args, seed=3)
     load_hf_weights(model, _save(tmp_path, hf_sd, config), args)
     _assert_same(model, ref)
+    _assert_export_equals(tmp_path, ref, args, "qwen", hf_sd)  # and export writes the same layout
 
     # Qwen 1's MLP, written as in its modeling code, equals ours after the mapping.
     x = torch.randn(3, args.dim)
@@ -190,6 +204,7 @@ def test_internlm2_packed_wqkv(tmp_path, bias):
     model = _ours(args, seed=3)
     load_hf_weights(model, _save(tmp_path, hf_sd, config), args)
     _assert_same(model, ref)
+    _assert_export_equals(tmp_path, ref, args, "internlm2", hf_sd)  # and export writes the same layout
 
     # InternLM2's own unpacking ("b q (h gs d) -> b q h gs d", q = [..., :gs-2, :], k = [..., -2, :], v = [..., -1, :])
     # gives the projections of our wq/wk/wv.
@@ -273,14 +288,75 @@ def test_initial_load_path_and_export_cli(tmp_path):
     assert result.losses[1] != pytest.approx(seed_init.item() / batch.num_valid_tokens(), rel=1e-4)
 
     checkpoint = next((tmp_path / "run/checkpoints").glob("step-*"))
-    export_main(["--config", str(REPO / "recipes/debug.toml"), "--checkpoint", str(checkpoint),
-                 "--out", str(tmp_path / "out"), *overrides])
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    cli = ["--config", str(REPO / "recipes/debug.toml"), "--checkpoint", str(checkpoint), "--max-shard-mb", "3",
+           *overrides]
+    export_main([*cli, "--out", str(tmp_path / "out"), "--dtype", "float32"])
     tokens = batch.tokens[:2, :32]
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(hf_model(tokens).logits, start(tokens), atol=ATOL, rtol=0)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert hf_tok.decode(hf_tok("def f(x):\n    return x")["input_ids"]) == "def f(x):\n    return x"
+
+    # By default the recipe's training dtype (debug.toml: auto, i.e. bfloat16): the weights rounded once.
+    export_main([*cli, "--out", str(tmp_path / "bf16")])
+    assert json.loads((tmp_path / "bf16/config.json").read_text())["torch_dtype"] == "bfloat16"
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", attn_implementation="eager",
+                                                                 dtype=torch.float32).eval()
+    rounded = _ours(args)
+    rounded.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in start.state_dict().items()})
+    assert any((p != q).any() for p, q in zip(rounded.parameters(), start.parameters()))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(tokens).logits, rounded(tokens), atol=ATOL, rtol=0)
+
+    # Split among two processes: the same files, byte for byte.
+    from launcher import torchrun
+    torchrun(2, "torchtrain.export", *cli, "--out", tmp_path / "bf16_2", launch=("--standalone", "--module"))
+    files = sorted(p.name for p in (tmp_path / "bf16").iterdir())
+    assert len([f for f in files if f.startswith("model-")]) >= 3 and "model.safetensors.index.json" in files
+    assert sorted(p.name for p in (tmp_path / "bf16_2").iterdir()) == files
+    for name in files:
+        assert (tmp_path / "bf16_2" / name).read_bytes() == (tmp_path / "bf16" / name).read_bytes(), name
+
+    # Mistakes end in one error line naming the file or the choices.
+    with pytest.raises(SystemExit, match=r"^error: .*nothing is not a checkpoint folder"):
+        export_main([*cli, "--out", str(tmp_path / "x"), "--checkpoint", str(tmp_path / "nothing")])
+    with pytest.raises(SystemExit, match=r"^error: family .qwen. \(Qwen 1\) has as many key/value heads.*num_kv_heads="):
+        export_main([*cli, "--out", str(tmp_path / "x"), "--family", "qwen"])
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_export_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """A checkpoint export holds the tensor being read, never the ones already written (nor a whole shard)."""
+    import weakref
+
+    import torch.distributed.checkpoint as dcp
+
+    from torchtrain import hf_checkpoint
+    from torchtrain.hf_checkpoint import export_checkpoint
+
+    args = dataclasses.replace(TINY, num_kv_heads=4, qkv_bias=True)
+    model = _ours(args)
+    _randomize(model)
+    dcp.save({"model_and_optimizer": {"model": model.state_dict()}}, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    alive, most = [], [0]
+    real_load = dcp.load
+
+    def load(state, **kwargs):  # (tensors are freed by reference counting, as soon as nothing holds them)
+        most[0] = max(most[0], sum(ref() is not None for ref in alive))
+        real_load(state, **kwargs)
+        alive.extend(weakref.ref(t) for t in state["model_and_optimizer"]["model"].values())
+
+    monkeypatch.setattr(dcp, "load", load)
+    for family in ("qwen2", "qwen"):  # one tensor per read; q, k and v together for a packed one
+        out = export_checkpoint(tmp_path / "ckpt", args, tmp_path / family, family, torch.float32,
+                                max_shard_bytes=20_000)
+        assert len(alive) == len(model.state_dict()) and most[0] == 0
+        alive.clear()
+        back = _ours(args, seed=99)
+        load_hf_weights(back, out, args)
+        _assert_same(back, model)
+    assert not list((tmp_path / "qwen").glob(".*partial"))
 
 
 def test_hf_model_name_needs_a_readable_config_json(tmp_path):

@@ -306,3 +306,80 @@ def scheme_of(keys: set[str]) -> str:
     if "model.tok_embeddings.weight" in keys or any(".attention.wqkv." in k for k in keys):
         return "internlm2"
     return "llama"
+
+
+# ---- Export: the families a training checkpoint can be written as, and the inverse of unpack_qkv
+
+__all__ += ["REMOTE_CODE_ARCHITECTURES", "export_families", "export_scheme", "export_family_of", "export_config",
+            "pack_qkv"]
+
+# Families whose modeling code is not in transformers (``trust_remote_code``): their folders load with the
+# family's own code, next to the weights. Each is written in the naming scheme of the same name.
+REMOTE_CODE_ARCHITECTURES: dict[str, str] = {"qwen": "QWenLMHeadModel", "internlm2": "InternLM2ForCausalLM"}
+
+# config.json model_type -> the family an export writes by default (InternLM 1 uses Llama's names, and
+# LlamaForCausalLM's one attention_bias flag holds its q/k/v/o biases).
+_EXPORT_FAMILY_OF_MODEL_TYPE = {"internlm": "llama"}
+
+
+def export_families() -> list[str]:
+    """Every ``family`` ``export_config`` writes: the transformers families, then the remote-code ones."""
+    return [*HF_ARCHITECTURES, *REMOTE_CODE_ARCHITECTURES]
+
+
+def export_scheme(family: str) -> str:
+    """The naming scheme (``SCHEMES``) a ``family``'s checkpoint uses."""
+    return family if family in REMOTE_CODE_ARCHITECTURES else "llama"
+
+
+def export_family_of(model_type: Optional[str]) -> Optional[str]:
+    """The export family of a config.json ``model_type`` (None if it is not one we write)."""
+    family = _EXPORT_FAMILY_OF_MODEL_TYPE.get(model_type, model_type)
+    return family if family in export_families() else None
+
+
+def export_config(args: ModelArgs, family: str) -> dict[str, Any]:
+    """The ``config.json`` fields of ``args`` as ``family`` (any of ``export_families()``); ``hf_config``
+    for the transformers families. Raises ``ValueError`` if the family cannot express ``args``.
+
+    Qwen (1) and InternLM2 are written with the field names of their released config files, which
+    ``model_args_from_hf_config`` reads back to ``args``. Qwen's long-context tricks (dynamic NTK,
+    log-n attention scaling) are switched off: our model has neither.
+    """
+    if family not in REMOTE_CODE_ARCHITECTURES:
+        if family not in HF_ARCHITECTURES:
+            raise ValueError(f"unknown HF family {family!r}; valid choices: {export_families()}")
+        return hf_config(args, family)
+    if args.rope_scaling is not None:
+        raise ValueError(f"family {family!r} has no Llama-3.1 RoPE scaling, but ModelArgs has rope_scaling")
+    common = {"architectures": [REMOTE_CODE_ARCHITECTURES[family]], "model_type": family,
+              "vocab_size": args.vocab_size, "hidden_size": args.dim, "num_hidden_layers": args.num_layers,
+              "num_attention_heads": args.num_heads, "max_position_embeddings": args.max_seq_len,
+              "tie_word_embeddings": args.tie_embeddings}
+    if family == "qwen":
+        if args.num_kv_heads != args.num_heads or not args.qkv_bias or args.out_bias:
+            raise ValueError(
+                "family 'qwen' (Qwen 1) has as many key/value heads as query heads, a q/k/v bias and no o bias, but "
+                f"ModelArgs has num_kv_heads={args.num_kv_heads} of num_heads={args.num_heads}, "
+                f"qkv_bias={args.qkv_bias}, out_bias={args.out_bias}")
+        return {**common, "intermediate_size": 2 * args.ffn_dim,  # Qwen 1 counts both up projections
+                "kv_channels": args.head_dim, "layer_norm_epsilon": args.norm_eps,
+                "rotary_emb_base": args.rope_theta, "rotary_pct": 1.0, "seq_length": args.max_seq_len,
+                "no_bias": True, "use_dynamic_ntk": False, "use_logn_attn": False}
+    if args.qkv_bias != args.out_bias:
+        raise ValueError("family 'internlm2' has one bias flag for wqkv and wo, but ModelArgs has "
+                         f"qkv_bias={args.qkv_bias}, out_bias={args.out_bias}")
+    return {**common, "intermediate_size": args.ffn_dim, "num_key_value_heads": args.num_kv_heads,
+            "hidden_act": "silu", "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+            "rope_scaling": None, "bias": args.qkv_bias}
+
+
+def pack_qkv(q: Tensor, k: Tensor, v: Tensor, scheme: str, args: ModelArgs) -> Tensor:
+    """The packed q/k/v weight or bias of ``scheme`` ("qwen" or "internlm2") from our wq, wk, wv:
+    the exact inverse of ``unpack_qkv``."""
+    if scheme == "qwen":
+        return torch.cat([q, k, v], dim=0)
+    kv, hd = args.num_kv_heads, args.head_dim
+    rest = q.shape[1:]
+    return torch.cat([q.reshape(kv, args.num_heads // kv, hd, *rest), k.reshape(kv, 1, hd, *rest),
+                      v.reshape(kv, 1, hd, *rest)], dim=1).reshape(-1, *rest)
