@@ -5,6 +5,7 @@ Tiny random fp32 models on the CPU; nothing is downloaded.
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -382,33 +383,60 @@ def test_hf_model_name_needs_a_readable_config_json(tmp_path):
 
 # name: (processes, samples per data-parallel rank for the single run's global batch of 4, recipe overrides)
 SHARDED_LAYOUTS = {
+    "fsdp2": (2, 2, ["--parallelism.dp_shard", "2"]),
     "fsdp2_tp2": (4, 2, ["--parallelism.dp_shard", "2", "--parallelism.tp", "2"]),
     "pp2": (2, 4, ["--parallelism.pp", "2", "--parallelism.dp_shard", "1"]),
 }
 
 
-@pytest.mark.parametrize("name", SHARDED_LAYOUTS)
-def test_import_into_sharded_layouts_trains_like_one_process(tmp_path, name):
-    """Each rank fills only its shards (FSDP x TP DTensors) or its stage's blocks (PP) from a sharded HF folder:
-    the losses and gradient norms of the first steps equal the single-process run's."""
+def _train_losses(folder: Path, run: str, start: Path, nproc: int, local_batch_size: int, *layout: str,
+                  reads: Path | None = None) -> dict:
+    """The first steps' losses and gradient norms of a run starting from the HF folder ``start``; with ``reads``,
+    each rank writes there the blocks it read from the safetensors files."""
     from launcher import torchrun
 
+    out = folder / f"{run}.json"
+    torchrun(nproc, REPO / "tests/workers/train_losses.py", "--out", out,
+             *(("--hf-reads", reads) if reads else ()), "--config", REPO / "recipes/debug.toml",
+             *tiny(folder / run, "--training.steps", "3", "--training.val_every", "0",
+                   "--checkpoint.enabled", "false", "--metrics.tensorboard", "false",
+                   "--training.local_batch_size", str(local_batch_size), "--model.name", "hf",
+                   "--checkpoint.initial_load_path", str(start), *layout))
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def hf_start(tmp_path_factory):
+    """A random debug model as a sharded HF folder, and the single-process run starting from it (shared by the layouts)."""
+    folder = tmp_path_factory.mktemp("hf_start")
     args = get_model_args("debug")
-    export_hf(_ours(args, seed=123).state_dict(), args, tmp_path / "start", "llama", max_shard_bytes=2 * 2**20,
+    export_hf(_ours(args, seed=123).state_dict(), args, folder / "start", "llama", max_shard_bytes=2 * 2**20,
               tokenizer_path=load_tokenizer("default").path)
-    assert len(set(hf_weight_files(tmp_path / "start").values())) > 2  # several shard files behind an index
+    assert len(set(hf_weight_files(folder / "start").values())) > 2  # several shard files behind an index
+    return folder / "start", _train_losses(folder, "single", folder / "start", 1, 4, "--parallelism.dp_shard", "1")
 
-    def losses(run: str, nproc: int, local_batch_size: int, *layout: str) -> dict:
-        out = tmp_path / f"{run}.json"
-        torchrun(nproc, REPO / "tests/workers/train_losses.py", "--out", out, "--config", REPO / "recipes/debug.toml",
-                 *tiny(tmp_path / run, "--training.steps", "3", "--training.val_every", "0",
-                       "--checkpoint.enabled", "false", "--metrics.tensorboard", "false",
-                       "--training.local_batch_size", str(local_batch_size), "--model.name", "hf",
-                       "--checkpoint.initial_load_path", str(tmp_path / "start"), *layout))
-        return json.loads(out.read_text())
 
-    single = losses("single", 1, 4, "--parallelism.dp_shard", "1")
-    sharded = losses(name, *SHARDED_LAYOUTS[name][:2], *SHARDED_LAYOUTS[name][2])
+@pytest.mark.parametrize("name", SHARDED_LAYOUTS)
+def test_import_into_sharded_layouts_trains_like_one_process(tmp_path, hf_start, name):
+    """Each rank fills only its shards (FSDP x TP DTensors) or its stage's blocks (PP) from a sharded HF folder:
+    the losses and gradient norms of the first steps equal the single-process run's. Under FSDP (x TP) each rank
+    reads only its own block of each tensor from the files, and the ranks' blocks cover every tensor."""
+    start, single = hf_start
+    nproc, local_batch_size, layout = SHARDED_LAYOUTS[name]
+    sharded = _train_losses(tmp_path, name, start, nproc, local_batch_size, *layout, reads=tmp_path / "reads")
     for step in single["losses"]:
         assert sharded["losses"][step] == pytest.approx(single["losses"][step], rel=2e-5), step
         assert sharded["grad_norms"][step] == pytest.approx(single["grad_norms"][step], rel=5e-4), step
+    if name == "pp2":
+        return
+    read_numel: dict[str, int] = {}
+    full_numel: dict[str, int] = {}
+    for rank in range(nproc):
+        for key, shape, full in json.loads((tmp_path / "reads" / f"rank{rank}.json").read_text()):
+            # every parameter is sharded over the 2 FSDP ranks (along its rows), so no rank reads more than half
+            assert 0 < math.prod(shape) <= math.prod(full) // 2 and shape[0] <= full[0] // 2, (rank, key, shape, full)
+            read_numel[key] = read_numel.get(key, 0) + math.prod(shape)
+            full_numel[key] = math.prod(full)
+    assert set(read_numel) == set(hf_weight_files(start))
+    for key, numel in read_numel.items():  # TP replicates some tensors (the norms): those are read by 2 ranks
+        assert numel in ((full_numel[key],) if name == "fsdp2" else (full_numel[key], 2 * full_numel[key])), key
