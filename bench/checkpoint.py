@@ -4,6 +4,7 @@
     python bench/checkpoint.py --params-billion 0.5   # a bigger model (~6 GB of checkpoint)
     python bench/checkpoint.py --model debug_30m      # a registry model instead
     python bench/checkpoint.py --quick                # a smoke test (the "debug" model, seconds)
+    python bench/checkpoint.py --hf                   # Hugging Face export and import (~1.2B parameters, ~4.7 GB)
 
 What is measured. The model is built the way the trainer builds it (``build_model``: meta device ->
 ``parallelize`` -> ``to_empty`` -> ``init_weights``, fp32, eager), the optimizer is the trainer's
@@ -42,6 +43,19 @@ and 2 cores; the async save also stages a full copy of the state in memory).
   comes from). One training step is also timed while the background write runs, and the
   ``wait()`` that commits it, so the cost the background write puts on training is visible.
 
+Hugging Face export and import (``--hf``, results in ``bench/results/checkpoint_hf.json``). A Llama shape
+(dim 2048, 16/8 heads, FFN 5632, vocab 32000, layers for ``--params-billion``, default 1.2B) is saved
+once as a DCP checkpoint of its fp32 tensors, named as the trainer names them. Then, each in fresh
+processes (the figures of one never include another's memory): ``export_checkpoint`` to bf16
+safetensors shards of ``--max-shard-mb`` (default 1000) with 1 process and with 2 (torchrun, gloo),
+the two folders compared byte for byte; and ``load_hf_weights`` of that folder into the model on 1
+process and under the trainer's FSDP2 on 2. Each process reports its wall time, its resident memory
+after imports (the baseline; for import, after ``to_empty``, whose pages are not resident until
+written) and its peak (``getrusage(RUSAGE_SELF).ru_maxrss``, which counts the pages of the mapped
+safetensors files it touched). Export's bound: baseline + the largest tensor x 10 bytes (fp32
+target, DCP's copy of the stored chunk, bf16 cast) + ``--max-shard-mb``; import's: baseline + the
+rank's fp32 parameters + what it reads.
+
 The checkpoint folder defaults to a temporary folder under ``outputs/`` (removed afterwards), on the
 same file system as a training run's checkpoints. Results go to ``bench/results/checkpoint.json``
 (``--out``).
@@ -50,6 +64,7 @@ same file system as a training run's checkpoints. Results go to ``bench/results/
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shutil
@@ -328,14 +343,231 @@ def _print_table(report: dict) -> None:
         print(line)
 
 
+# ---- Hugging Face export and import at scale (--hf): time and peak memory per process
+
+HF_OUT = REPO / "bench" / "results" / "checkpoint_hf.json"
+
+
+def _hf_model_args(opts: argparse.Namespace):
+    """A Llama shape of ``--params-billion`` (dim 2048, 16/8 heads, FFN 5632, vocab 32000), or the debug model (--quick)."""
+    from torchtrain.models import get_model_args
+
+    args = get_model_args("debug")
+    if opts.quick:
+        return args
+    args.dim, args.num_heads, args.num_kv_heads, args.ffn_dim, args.vocab_size = 2048, 16, 8, 5632, 32000
+    args.num_layers = 1
+    one = args.num_params(exclude_embedding=False)
+    args.num_layers = 2
+    per_layer = args.num_params(exclude_embedding=False) - one
+    args.num_layers = max(1, round((opts.params_billion * 1e9 - (one - per_layer)) / per_layer))
+    return args
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def hf_worker(opts: argparse.Namespace) -> None:
+    """One process of a measurement (``--worker save|export|import``), started by ``hf_run`` alone or under
+    torchrun; writes its figures to ``--folder/<worker>-<world>-rank<R>.json``."""
+    import dataclasses
+    import json
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    from torchtrain.models import ModelArgs, Transformer
+
+    args = ModelArgs(**json.loads(opts.model_json))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    folder = opts.folder
+    baseline = _rss_bytes()  # the interpreter, torch and torchtrain imported, nothing read yet
+    figures: dict = {}
+    started = time.perf_counter()
+    if opts.worker == "save":  # the training checkpoint to export: the model's tensors as the trainer names them
+        import torch.distributed.checkpoint as dcp
+
+        with torch.device("meta"):
+            model = Transformer(args)
+        model.to_empty(device="cpu")
+        model.init_weights(seed=SEED)
+        dcp.save({"model_and_optimizer": {"model": model.state_dict()}}, checkpoint_id=folder / "dcp", no_dist=True)
+    elif opts.worker == "export":
+        from torchtrain.hf_checkpoint import export_checkpoint
+
+        out = folder / f"export-{world}"
+        export_checkpoint(folder / "dcp", args, out, "llama", torch.bfloat16, max_shard_bytes=int(opts.max_shard_mb * 1e6))
+        if world > 1:
+            dist.barrier()
+    else:  # import: the trainer's FSDP2 over the processes (none for one), then load_hf_weights
+        from torchtrain.hf_checkpoint import load_hf_weights
+        from torchtrain.parallel.fsdp import apply_fsdp
+
+        with torch.device("meta"):
+            model = Transformer(args)
+        if world > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+            apply_fsdp(model, init_device_mesh("cpu", (world,)), torch.float32, "default", False, False)
+        model.to_empty(device="cpu")
+        baseline = _rss_bytes()  # to_empty's parameters are not resident until written
+        started = time.perf_counter()
+        load_hf_weights(model, folder / "export-1", args)
+        if world > 1:
+            dist.barrier()
+        figures["local_param_bytes"] = sum(
+            (p.to_local() if hasattr(p, "to_local") else p).numel() * 4 for p in model.parameters())
+    figures.update(seconds=time.perf_counter() - started, baseline_rss_bytes=baseline,
+                   peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    (folder / f"{opts.worker}-{world}-rank{rank}.json").write_text(json.dumps(figures))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _launch(opts: argparse.Namespace, worker: str, nproc: int, model_json: str) -> list[dict]:
+    import json
+
+    script = [os.path.abspath(__file__), "--worker", worker, "--folder", str(opts.folder), "--model-json", model_json,
+              "--max-shard-mb", str(opts.max_shard_mb)]
+    launch = ([sys.executable] if nproc == 1 else
+              [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"])
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+    subprocess.run([*launch, *script], check=True, env=env, cwd=REPO)
+    return [json.loads((opts.folder / f"{worker}-{nproc}-rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def hf_run(opts: argparse.Namespace) -> dict:
+    """Save the model once as a DCP checkpoint (fp32), export it to bf16 safetensors with 1 and 2 processes, check
+    the two folders are the same bytes, and import the export under 1 process and FSDP 2, each in fresh processes."""
+    import dataclasses
+    import json
+
+    from torchtrain.models import Transformer
+
+    args = _hf_model_args(opts)
+    model_json = json.dumps(dataclasses.asdict(args))
+    import torch
+    with torch.device("meta"):
+        shapes = {n: tuple(t.shape) for n, t in Transformer(args).state_dict().items()}
+    largest = max(math.prod(s) for s in shapes.values())
+    params = sum(math.prod(s) for s in shapes.values())
+    print(f"model: {params / 1e9:.2f}B parameters; saving the fp32 checkpoint ...", flush=True)
+    save = _launch(opts, "save", 1, model_json)[0]
+    ckpt_bytes = _folder_bytes(opts.folder / "dcp")
+    exports, imports = {}, {}
+    for nproc in (1, 2):
+        print(f"export, {nproc} process(es) ...", flush=True)
+        exports[nproc] = _launch(opts, "export", nproc, model_json)
+    out1, out2 = opts.folder / "export-1", opts.folder / "export-2"
+    names = sorted(p.name for p in out1.iterdir())
+    same = names == sorted(p.name for p in out2.iterdir()) and all(
+        subprocess.run(["cmp", "-s", out1 / n, out2 / n]).returncode == 0 for n in names)
+    export_bytes = _folder_bytes(out1)
+    shutil.rmtree(out2)
+    for nproc in (1, 2):
+        print(f"import, {nproc} process(es) ...", flush=True)
+        imports[nproc] = _launch(opts, "import", nproc, model_json)
+    mb = 1e6
+    max_shard = opts.max_shard_mb * mb
+    # What one export process may hold: the tensor being read (fp32) with DCP's copy of its stored chunk, its
+    # bf16 cast, and the shard buffer the format's own writer would keep (ours writes each tensor as it comes).
+    bound_tensor = largest * (4 + 4 + 2)
+    return {
+        "model": {"params": params, "dim": args.dim, "num_layers": args.num_layers, "vocab_size": args.vocab_size,
+                  "largest_tensor_params": largest},
+        "checkpoint_bytes": ckpt_bytes, "export_bytes": export_bytes, "export_dtype": "bfloat16",
+        "max_shard_mb": opts.max_shard_mb, "save_s": save["seconds"],
+        "export": {str(n): {"seconds": max(r["seconds"] for r in rs),
+                            "peak_rss_mb": [r["peak_rss_bytes"] / mb for r in rs],
+                            "baseline_rss_mb": [r["baseline_rss_bytes"] / mb for r in rs],
+                            "bound_mb": [(r["baseline_rss_bytes"] + bound_tensor + max_shard) / mb for r in rs]}
+                   for n, rs in exports.items()},
+        "export_same_bytes_1_and_2_processes": same,
+        "import": {str(n): {"seconds": max(r["seconds"] for r in rs),
+                            "peak_rss_mb": [r["peak_rss_bytes"] / mb for r in rs],
+                            "baseline_rss_mb": [r["baseline_rss_bytes"] / mb for r in rs],
+                            "local_param_mb": [r["local_param_bytes"] / mb for r in rs],
+                            "overhead_mb": [(r["peak_rss_bytes"] - r["baseline_rss_bytes"] - r["local_param_bytes"]) / mb
+                                            for r in rs]}
+                   for n, rs in imports.items()},
+        "bound": "export: baseline RSS + largest tensor x (4 + 4 + 2 bytes: fp32 read, DCP's chunk, bf16 cast) + "
+                 "--max-shard-mb; import: baseline + the rank's fp32 parameters + the largest block read",
+    }
+
+
+def _print_hf(report: dict) -> None:
+    r = report["results"]
+    print(f"\n{r['model']['params'] / 1e9:.2f}B parameters: checkpoint {r['checkpoint_bytes'] / 1e9:.2f} GB fp32 -> "
+          f"{r['export_bytes'] / 1e9:.2f} GB bf16; {report['machine']['cpu']}")
+    for n, e in r["export"].items():
+        print(f"export, {n} process(es): {e['seconds']:.1f}s; peak RSS per process "
+              f"{', '.join(f'{x:.0f}' for x in e['peak_rss_mb'])} MB (bound {', '.join(f'{x:.0f}' for x in e['bound_mb'])} MB; "
+              f"baseline {', '.join(f'{x:.0f}' for x in e['baseline_rss_mb'])} MB)")
+    print(f"same bytes from 1 and 2 processes: {r['export_same_bytes_1_and_2_processes']}")
+    for n, i in r["import"].items():
+        print(f"import, {n} process(es): {i['seconds']:.1f}s; peak RSS per process "
+              f"{', '.join(f'{x:.0f}' for x in i['peak_rss_mb'])} MB, of which parameters "
+              f"{', '.join(f'{x:.0f}' for x in i['local_param_mb'])} MB, baseline "
+              f"{', '.join(f'{x:.0f}' for x in i['baseline_rss_mb'])} MB, the rest "
+              f"{', '.join(f'{x:.0f}' for x in i['overhead_mb'])} MB")
+
+
+def hf_main(a: argparse.Namespace, argv: list[str] | None) -> None:
+    import torch
+
+    command = "python " + " ".join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
+    own_folder = a.folder is None
+    if own_folder:
+        (REPO / "outputs").mkdir(exist_ok=True)
+        a.folder = Path(tempfile.mkdtemp(prefix="bench-checkpoint-hf-", dir=REPO / "outputs"))
+    a.folder.mkdir(parents=True, exist_ok=True)
+    try:
+        started = time.perf_counter()
+        results = hf_run(a)
+        wall = time.perf_counter() - started
+        filesystem = _filesystem(a.folder)
+    finally:
+        if own_folder:
+            shutil.rmtree(a.folder, ignore_errors=True)
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command, "commit": commit(), "dirty": tree_dirty(),
+        "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(),
+                    "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+                    "filesystem": filesystem, "python": platform.python_version(), "torch": torch.__version__},
+        "options": {"params_billion": None if a.quick else a.params_billion, "quick": a.quick,
+                    "max_shard_mb": a.max_shard_mb},
+        "wall_s": wall,
+        "results": results,
+    }
+    _print_hf(report)
+    write_report(a.out, report)
+    print(f"results written to {a.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--params-billion", type=float, default=0.3,
-                   help="size of the default Llama-shaped model (default 0.3: ~3.6 GB of checkpoint)")
+    p.add_argument("--params-billion", type=float, default=None,
+                   help="size of the default Llama-shaped model (default 0.3: ~3.6 GB of checkpoint; with --hf 1.2: "
+                        "~4.7 GB)")
+    p.add_argument("--hf", action="store_true",
+                   help="measure Hugging Face export (1 and 2 processes) and import (1 process, FSDP 2) instead; "
+                        f"results to {HF_OUT.relative_to(REPO)}")
+    p.add_argument("--max-shard-mb", type=float, default=1000.0, help="--hf: the export's largest file, in MB")
+    p.add_argument("--worker", choices=["save", "export", "import"], help=argparse.SUPPRESS)
+    p.add_argument("--model-json", help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help="a registry model instead of --params-billion")
     p.add_argument("--folder", type=Path, default=None,
                    help="where to write (default: a temporary folder under outputs/, removed afterwards)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT.relative_to(REPO)}")
     p.add_argument("--quick", action="store_true", help="the 'debug' model, one repeat: a smoke test")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="timed train steps (after one warm-up step)")
@@ -344,7 +576,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--step-time", type=float, default=None,
                    help="seconds per training step to judge the async stall against (default: measured)")
     a = p.parse_args(argv)
+    if a.worker:
+        return hf_worker(a)
+    a.out = a.out or (HF_OUT if a.hf else DEFAULT_OUT)
+    a.params_billion = a.params_billion or (1.2 if a.hf else 0.3)
     check_destination(a.out)
+    if a.hf:
+        return hf_main(a, argv)
     if a.quick:
         a.model, a.repeats, a.steps, a.seq_len = a.model or "debug", 1, 1, 128
     command = "python " + " ".join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])

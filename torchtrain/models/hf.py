@@ -350,8 +350,9 @@ def export_config(args: ModelArgs, family: str) -> dict[str, Any]:
         if family not in HF_ARCHITECTURES:
             raise ValueError(f"unknown HF family {family!r}; valid choices: {export_families()}")
         return hf_config(args, family)
-    if args.rope_scaling is not None:
-        raise ValueError(f"family {family!r} has no Llama-3.1 RoPE scaling, but ModelArgs has rope_scaling")
+    if args.rope_scaling is not None or args.sliding_window:
+        raise ValueError(f"family {family!r} has neither Llama-3.1 RoPE scaling nor a sliding window, but ModelArgs "
+                         f"has rope_scaling={args.rope_scaling}, sliding_window={args.sliding_window}")
     common = {"architectures": [REMOTE_CODE_ARCHITECTURES[family]], "model_type": family,
               "vocab_size": args.vocab_size, "hidden_size": args.dim, "num_hidden_layers": args.num_layers,
               "num_attention_heads": args.num_heads, "max_position_embeddings": args.max_seq_len,
