@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         export_checkpoint(args.checkpoint, model_args, args.out, args.family or default_family(config),
                           EXPORT_DTYPES[args.dtype or default_dtype(config)], tokenizer_path=tokenizer,
                           max_shard_bytes=int(args.max_shard_mb * 1e6))
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, OSError) as e:  # OSError: an unreadable checkpoint or unwritable --out, named
         sys.exit(f"error: {e}")
     finally:
         if distributed:

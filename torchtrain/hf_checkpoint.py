@@ -3,10 +3,12 @@
 ``load_hf_weights(model, folder, model_args)`` reads ``model.safetensors`` or the sharded
 ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``, opening only the
 shard files that hold a tensor this rank's ``model`` has, and reading tensor by tensor. Each
-tensor is renamed, unpacked if packed, cast to the parameter's dtype and copied in; a sharded
-(DTensor) parameter receives only its own shard, cut locally as in
-``torchtrain.parallel.init.full_parameters`` (every rank reads the same full tensor, so no
-communication is needed). A pipeline rank's ``model`` simply has fewer parameters to fill.
+tensor is renamed, unpacked if packed, cast to the parameter's dtype and copied in. A sharded
+(DTensor) parameter reads only its own block (``safe_open(...).get_slice(key)[rows, cols]``, at the
+offset and shape of its local shard), so no rank holds a whole tensor of a FSDP or TP layout; Qwen
+1's packed ``c_attn`` is a stack of q, k and v rows, so each part's block is one slice too, while
+InternLM2's ``wqkv`` interleaves them per key/value group and is read whole, then unpacked and cut.
+A pipeline rank's ``model`` simply has fewer parameters to fill.
 
 Naming schemes (picked from the tensor names in the folder):
 
@@ -28,8 +30,11 @@ head. Our ``wq`` is ``[:, :q_per_kv]`` flattened, ``wk`` is ``[:, -2]`` and ``wv
 bias (``bias = true`` configs) has the same layout without the last dimension.
 
 ``export_hf(model_state, model_args, out_dir, family)`` writes the inverse: a folder
-``transformers.AutoModelForCausalLM.from_pretrained`` loads (family ``llama`` or ``qwen2``),
-with the tokenizer if given. ``python -m torchtrain.export`` does it for a training checkpoint.
+``transformers.AutoModelForCausalLM.from_pretrained`` loads (the families of ``HF_ARCHITECTURES``;
+``qwen`` and ``internlm2`` are written in their own packed layouts, for their own modeling code), with the
+tokenizer if given. ``export_checkpoint`` does it for a training checkpoint (a DCP folder), streaming:
+one tensor is read at a time and written into its safetensors shard at once, the shards split among
+the processes of a process group. ``python -m torchtrain.export`` is its command line.
 """
 
 from __future__ import annotations
