@@ -138,7 +138,51 @@ def _assert_export_equals(tmp_path: Path, ref: Transformer, args: ModelArgs, fam
     assert model_args_from_hf_config(json.loads((out / "config.json").read_text())) == args
 
 
-def test_qwen1_packed_c_attn_and_swapped_mlp(tmp_path):
+def _assert_fsdp_tp_import_equals(folder: Path, args: ModelArgs, ref: Transformer, monkeypatch) -> None:
+    """Imported under FSDP 2 x TP 2 (each of the 4 ranks in turn, in this process, over a fake process group),
+    every rank's local shards are its cut of ``ref``'s tensors; a packed tensor stacking q, k and v rows (Qwen 1)
+    is read in slices too, one interleaving them per group (InternLM2) whole."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from torchtrain import hf_checkpoint
+    from torchtrain.parallel.fsdp import apply_fsdp
+    from torchtrain.parallel.tp import apply_tp
+
+    reads = []
+    read_slice = hf_checkpoint._read_slice
+
+    def counting(f, key, index):
+        value = read_slice(f, key, index)
+        reads.append((key, value.numel(), math.prod(f.get_slice(key).get_shape())))
+        return value
+
+    monkeypatch.setattr(hf_checkpoint, "_read_slice", counting)
+    whole = ref.state_dict()
+    for rank in range(4):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=4)
+        try:
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "tp"))
+            with torch.device("meta"):
+                model = Transformer(args)
+            apply_tp(model, mesh["tp"])
+            apply_fsdp(model, mesh["dp_shard"], torch.float32, "default", False, False)
+            model.to_empty(device="cpu")
+            load_hf_weights(model, folder, args)
+            for name, param in model.named_parameters():
+                assert isinstance(param, DTensor), name
+                cut = distribute_tensor(whole[name], param.device_mesh, param.placements, src_data_rank=None)
+                torch.testing.assert_close(param.to_local(), cut.to_local(), atol=0, rtol=0, msg=f"rank {rank} {name}")
+        finally:
+            dist.destroy_process_group()
+    packed_whole = {key for key, numel, full in reads if ".wqkv." in key and numel == full}
+    assert all(numel < full for key, numel, full in reads if ".wqkv." not in key)
+    assert packed_whole == ({key for key, _, _ in reads if ".wqkv." in key})
+
+
+def test_qwen1_packed_c_attn_and_swapped_mlp(tmp_path, monkeypatch):
     args = dataclasses.replace(TINY, num_kv_heads=4, qkv_bias=True, norm_eps=1e-6)  # Qwen 1 is MHA, c_attn has a bias
     ref = _ours(args)
     _randomize(ref)
@@ -164,6 +208,7 @@ def test_qwen1_packed_c_attn_and_swapped_mlp(tmp_path):
     load_hf_weights(model, _save(tmp_path, hf_sd, config), args)
     _assert_same(model, ref)
     _assert_export_equals(tmp_path, ref, args, "qwen", hf_sd)  # and export writes the same layout
+    _assert_fsdp_tp_import_equals(tmp_path, args, ref, monkeypatch)
 
     # Qwen 1's MLP, written as in its modeling code, equals ours after the mapping.
     x = torch.randn(3, args.dim)
@@ -183,7 +228,7 @@ def _pack_internlm2(wq, wk, wv, args):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_internlm2_packed_wqkv(tmp_path, bias):
+def test_internlm2_packed_wqkv(tmp_path, bias, monkeypatch):
     args = dataclasses.replace(TINY, num_heads=8, num_kv_heads=2, qkv_bias=bias, out_bias=bias, rope_theta=1e6)
     ref = _ours(args)
     _randomize(ref)
@@ -206,6 +251,7 @@ def test_internlm2_packed_wqkv(tmp_path, bias):
     load_hf_weights(model, _save(tmp_path, hf_sd, config), args)
     _assert_same(model, ref)
     _assert_export_equals(tmp_path, ref, args, "internlm2", hf_sd)  # and export writes the same layout
+    _assert_fsdp_tp_import_equals(tmp_path, args, ref, monkeypatch)
 
     # InternLM2's own unpacking ("b q (h gs d) -> b q h gs d", q = [..., :gs-2, :], k = [..., -2, :], v = [..., -1, :])
     # gives the projections of our wq/wk/wv.
