@@ -405,6 +405,22 @@ def test_export_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
         _assert_same(back, model)
     assert not list((tmp_path / "qwen").glob(".*partial"))
 
+    # A file cut in the middle (a checkpoint without checksums): the error names the checkpoint and the tensor;
+    # the shards finished before it are whole, the one being written only under its temporary name, and no
+    # config.json says the folder is complete.
+    monkeypatch.setattr(dcp, "load", real_load)
+    (shard,) = (tmp_path / "ckpt").glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"ckpt: cannot read model_and_optimizer\.model\.layers\.\d"):
+        export_checkpoint(tmp_path / "ckpt", args, tmp_path / "cut", "qwen2", torch.float32, max_shard_bytes=20_000)
+    finished = list((tmp_path / "cut").glob("model-*.safetensors"))
+    assert finished and len(list((tmp_path / "cut").glob(".model-*.safetensors.partial"))) == 1
+    assert not (tmp_path / "cut/config.json").exists()
+    from safetensors import safe_open
+    for path in finished:
+        with safe_open(path, "pt") as f:
+            assert all(f.get_tensor(key).numel() for key in f.keys())
+
 
 def test_hf_model_name_needs_a_readable_config_json(tmp_path):
     from torchtrain.config import ConfigError

@@ -316,8 +316,12 @@ def _write_shard(path: Path, tensors: list[ExportTensor], dtype: torch.dtype, re
 def _export(shapes: dict[str, tuple[int, ...]], read: Callable[[tuple[str, ...]], list[Tensor]], model_args: ModelArgs,
             out_dir: str | Path, family: str, dtype: torch.dtype, tokenizer_path: str | Path | None,
             max_shard_bytes: int, generation_config: bool, rank: int = 0, world: int = 1,
-            barrier: Callable[[], None] = lambda: None) -> Path:
-    """Write the folder: shards ``rank``, ``rank + world``, ... from this process, the rest by rank 0."""
+            gather: Callable[[Optional[str]], list[Optional[str]]] = lambda problem: [problem]) -> Path:
+    """Write the folder: shards ``rank``, ``rank + world``, ... from this process, the rest by rank 0.
+
+    ``gather`` collects one value from every process (a barrier that carries each one's error, if any):
+    a process that fails makes all of them stop with its message instead of waiting for it.
+    """
     config = export_config(model_args, family)  # validates the family first
     if dtype not in _SAFETENSORS_DTYPES:
         raise ValueError(f"cannot export dtype {dtype}; valid choices: {list(EXPORT_DTYPES)}")
@@ -332,11 +336,19 @@ def _export(shapes: dict[str, tuple[int, ...]], read: Callable[[tuple[str, ...]]
         for stale in [*out_dir.glob("model*.safetensors"), *out_dir.glob(".model*.safetensors.partial"),
                       out_dir / INDEX_FILE, out_dir / "config.json"]:
             stale.unlink(missing_ok=True)
-    barrier()
+    gather(None)
     scheme = export_scheme(family)
-    for i in range(rank, len(shards), world):
-        _write_shard(out_dir / names[i], shards[i], dtype, read, scheme, model_args)
-    barrier()
+    problem = None
+    try:
+        for i in range(rank, len(shards), world):
+            _write_shard(out_dir / names[i], shards[i], dtype, read, scheme, model_args)
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: DCP's read errors
+        if world == 1:
+            raise
+        problem = f"rank {rank}: {e}"
+    problems = [p for p in gather(problem) if p is not None]
+    if problems:
+        raise ValueError("; ".join(problems))
     total = sum(math.prod(t.shape) * dtype.itemsize for shard in shards for t in shard)
     if rank == 0:
         if len(shards) > 1:
@@ -408,11 +420,15 @@ def export_checkpoint(checkpoint: str | Path, model_args: ModelArgs, out_dir: st
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     checkpoint = Path(checkpoint)
     stored = _stored_model_tensors(checkpoint, model_args, prefix)
-    problems = verify_files(checkpoint, rank, world)
-    if distributed:
-        everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, problems)
-        problems = [p for share in everyone for p in share]
+
+    def gather(problem: Optional[str]) -> list[Optional[str]]:
+        if not distributed:
+            return [problem]
+        everyone: list[Optional[str]] = [None] * world
+        dist.all_gather_object(everyone, problem)
+        return everyone
+
+    problems = [p for p in gather("; ".join(verify_files(checkpoint, rank, world)) or None) if p is not None]
     if problems:
         raise DamagedCheckpointError(f"checkpoint {checkpoint}: " + "; ".join(problems))
     if model_args.tie_embeddings:
@@ -422,15 +438,21 @@ def export_checkpoint(checkpoint: str | Path, model_args: ModelArgs, out_dir: st
 
     def read(names: tuple[str, ...]) -> list[Tensor]:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         state = {name: torch.empty(stored[name][0], dtype=stored[name][1]) for name in names}
         with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process's own read is the intent
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({outer: {inner: state}}, storage_reader=reader, no_dist=True)
+            try:
+                dcp.load({outer: {inner: state}}, storage_reader=reader, no_dist=True)
+            except CheckpointException as e:  # a BaseException: a cut or changed file of a checkpoint without checksums
+                failures = "; ".join(f"{type(f).__name__}: {f}" for f in getattr(e, "failures", {}).values())
+                raise ValueError(f"checkpoint {checkpoint}: cannot read {', '.join(prefix + n for n in names)} "
+                                 f"({failures or e})") from None
         return [state[name] for name in names]
 
     return _export({name: shape for name, (shape, _) in stored.items()}, read, model_args, out_dir, family, dtype,
-                   tokenizer_path, max_shard_bytes, True, rank, world, dist.barrier if distributed else lambda: None)
+                   tokenizer_path, max_shard_bytes, True, rank, world, gather)
 
 
 def _whole_meta(args: ModelArgs) -> Transformer:
