@@ -244,7 +244,9 @@ BACKENDS: dict[str, AttentionBackend] = {
     }),
     "reference": AttentionBackend(_reference, frozenset(MASKS), block_backward=_reference_block_backward),
     # FlexAttention has no backward on CPU (torch 2.13): it validates forward parity there, trains on CUDA.
-    "flex": AttentionBackend(_flex, frozenset(MASKS), trains_on=frozenset({"cuda"})),
+    # Its op is a higher-order operator; torch's selective checkpointing caches its outputs like an op's.
+    "flex": AttentionBackend(_flex, frozenset(MASKS), saved_ops=(torch.ops.higher_order.flex_attention,),
+                             trains_on=frozenset({"cuda"})),
     "triton": AttentionBackend(_triton, frozenset(MASKS), block_backward=torch.ops.torchtrain.flash_attention_backward,
                                saved_ops=(torch.ops.torchtrain.flash_attention.default,), flop_formulas={
         torch.ops.torchtrain.flash_attention: _flash_attention_flops,
