@@ -126,7 +126,8 @@ def test_merging_partial_attention_over_disjoint_keys_is_attention_over_all():
 
 CP2_CASES = ("causal", "docs", "mha_docs", "op_docs", "window_docs", "compile", "ring_causal", "ring_docs",
              "ring_compile", "ring_reference_docs")
-CP4_CASES = ("causal", "docs", "window_docs", "fsdp", "tp", "ring_causal", "ring_docs", "ring_fsdp")  # cp 2 x (dp 2 | tp 2) and cp 4
+CP4_CASES = ("causal", "docs", "window_docs", "fsdp", "tp", "ring_causal", "ring_docs", "ring_window_docs",
+             "ring_fsdp")  # cp 2 x (dp 2 | tp 2) and cp 4
 
 
 @pytest.fixture(scope="module")
