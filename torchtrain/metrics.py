@@ -5,7 +5,8 @@ FLOP convention (the one every figure in this project uses): a token costs
 parameters (the output projection counts, the input embedding table does not), L the number of
 blocks, d the attention's width (``num_heads * head_dim``: the model width, except where the heads are
 set wider, as in Qwen3-32B: 8192, not 5120) and s the sequence length (with a sliding window ``w``, the
-keys a query sees: ``min(s, w)``, likewise not halved). Attention is counted without halving for causality, and recomputation (activation checkpointing) is not counted: it is work done, not
+keys a query sees: ``min(s, w)``, likewise not halved). Attention is counted without halving for
+causality, and recomputation (activation checkpointing) is not counted: it is work done, not
 progress made. MFU = achieved model FLOP/s / the device's dense bf16 peak.
 """
 

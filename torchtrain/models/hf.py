@@ -1,8 +1,8 @@
 """Hugging Face interop: config fields and state-dict key names.
 
-Our layout equals Hugging Face's ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` /
-``Qwen3ForCausalLM`` / ``MistralForCausalLM`` layout up to key names (RoPE uses the same rotate-half convention, so no weight permutation is needed),
-so conversion is a renaming table. ``transformers`` itself is not imported here: it is only
+Our layout equals Hugging Face's ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` /
+``MistralForCausalLM`` layout up to key names (RoPE uses the same rotate-half convention, so no
+weight permutation is needed), so conversion is a renaming table. ``transformers`` itself is not imported here: it is only
 a test dependency.
 
 * ``hf_config(args, family)``: the ``config.json`` fields of the equivalent HF model;
@@ -14,8 +14,9 @@ a test dependency.
   Llama 2/3/3.1/3.2/3.3, Qwen2/2.5, Qwen3 (dense), Mistral, Qwen (1), InternLM and InternLM2
   (``HF_MODEL_TYPES``).
 
-* ``SCHEMES``: how each family's checkpoints name our tensors (``llama``: Llama 2/3, Qwen2/2.5, Qwen3,
-  Mistral and InternLM 1; ``qwen``: Qwen 1; ``internlm2``), picked from a folder's tensor names by ``scheme_of``;
+* ``SCHEMES``: how each family's checkpoints name our tensors (``llama``: Llama 2/3, Qwen2/2.5,
+  Qwen3, Mistral and InternLM 1; ``qwen``: Qwen 1; ``internlm2``), picked from a folder's tensor
+  names by ``scheme_of``;
   ``hf_source(name, scheme, args)`` is the checkpoint tensor (and the q/k/v part of a packed one)
   holding our parameter ``name``, ``unpack_qkv`` cuts that part out. ``torchtrain.hf_checkpoint``
   reads and writes the files with these tables.
@@ -206,8 +207,9 @@ def model_args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     """The ``ModelArgs`` of a Hugging Face ``config.json`` (a parsed dict).
 
     ``model_type`` selects the field names: ``llama`` (``attention_bias`` -> q/k/v/o biases),
-    ``qwen2`` (q/k/v biases), ``qwen3`` (``attention_bias``; q/k norm; ``head_dim``, 128 when absent as in
-    transformers; ``use_sliding_window`` must be false), ``mistral`` (``sliding_window``, null: none), ``qwen`` (Qwen 1: ``intermediate_size`` is the width of both up
+    ``qwen2`` (q/k/v biases), ``qwen3`` (``attention_bias``; the q/k norm; ``head_dim``, 128 when
+    absent as in transformers; a window in some layers, ``use_sliding_window``, is refused),
+    ``mistral`` (``sliding_window``, null: none), ``qwen`` (Qwen 1: ``intermediate_size`` is the width of both up
     projections together, so each SwiGLU branch is half of it; ``seq_length``,
     ``rotary_emb_base``, ``layer_norm_epsilon``; ``c_attn`` always has a bias), ``internlm``
     (InternLM 1: ``bias`` -> q/k/v/o biases) and ``internlm2`` (``bias`` -> wqkv and wo biases).
