@@ -53,13 +53,11 @@ def test_a_backend_without_a_mask_is_refused_by_name(monkeypatch):
     check_run(config, dataclasses.replace(args, sliding_window=0), 1, torch.device("cpu"))
 
 
-def test_ring_context_parallelism_refuses_a_window_and_the_all_gather_takes_it():
+def test_both_context_parallel_rotations_take_a_window():
     args = dataclasses.replace(get_model_args("debug"), sliding_window=64)
-    ring = Config(parallelism=Parallelism(dp_shard=1, cp=2, cp_rotate="ring"), training=Training(seq_len=256))
-    with pytest.raises(ConfigError, match="cp_rotate = 'ring' does not support the sliding-window attention.*"
-                                          "window 64.*set parallelism.cp_rotate = 'allgather'"):
-        check_run(ring, args, 2, torch.device("cpu"))
-    check_run(dataclasses.replace(ring, parallelism=Parallelism(dp_shard=1, cp=2)), args, 2, torch.device("cpu"))
+    for rotate in ("ring", "allgather"):  # (their parity with one process: tests/test_cp.py, window cases)
+        check_run(Config(parallelism=Parallelism(dp_shard=1, cp=2, cp_rotate=rotate), training=Training(seq_len=256)),
+                  args, 2, torch.device("cpu"))
 
 
 def test_flops_count_the_keys_a_window_leaves():

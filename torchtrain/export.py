@@ -1,7 +1,7 @@
 """Export a training checkpoint as a Hugging Face model folder.
 
     python -m torchtrain.export --config recipes/debug.toml \\
-        --checkpoint outputs/debug/checkpoints/step-00000150 --out hf/debug [--family llama|qwen2] \\
+        --checkpoint outputs/debug/checkpoints/step-00000150 --out hf/debug [--family llama|qwen2|qwen3|mistral] \\
         [--dtype bfloat16|float32] [--tokenizer PATH] [--max-shard-mb 5000] [--section.key value ...]
 
 Runs in one process on the CPU, without a process group: the model tensors of the DCP checkpoint
@@ -21,6 +21,7 @@ import torch
 from torchtrain.config import ConfigError, load_config, recipe_help
 from torchtrain.hf_checkpoint import export_hf, read_dcp_model_state
 from torchtrain.checks import check_model
+from torchtrain.models.hf import HF_ARCHITECTURES
 from torchtrain.models.shape import model_args_for
 
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="the recipe the checkpoint was trained with")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint folder, e.g. OUTPUT/checkpoints/step-N")
     parser.add_argument("--out", required=True, help="the Hugging Face model folder to write")
-    parser.add_argument("--family", default="llama", choices=["llama", "qwen2"])
+    parser.add_argument("--family", default="llama", choices=sorted(HF_ARCHITECTURES))
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                         help="cast the weights (default: as stored)")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the recipe's)")
