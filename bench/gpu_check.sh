@@ -19,14 +19,17 @@
 # the system python3 is used: the benchmarks put the repository on sys.path themselves.
 #
 # Kernel correctness: tests/test_attention_kernels.py pins TRITON_INTERPRET=1 (CPU interpreter,
-# fp32/fp16), so it cannot compile the kernels for the GPU; the bf16 GPU check is the one in
-# bench/attention.py (--check-only: our op and SDPA-flash against an fp32 oracle; exit 1 on failure).
+# fp32/fp16), so it cannot compile the kernels for the GPU; the bf16 GPU check is
+# bench/attention_backends.py (every backend the model can train with against an fp32 reference).
+# The run's record is RESULTS/gpu_check.json and gpu_check.md (bench/gpu_summary.py); with the
+# default RESULTS, model.attention = "auto" reads the backend choices it holds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS="${1:-bench/results}"
 mkdir -p "$RESULTS/logs"
 RESULTS="$(cd "$RESULTS" && pwd)"
 LOGS="$RESULTS/logs"
+: > "$RESULTS/steps.tsv"
 START=$SECONDS
 NAMES=()
 STATUSES=()
@@ -50,6 +53,7 @@ step() {
     NAMES+=("$name")
     STATUSES+=("$status")
     TIMES+=("$((SECONDS - t0))")
+    printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - t0))" >> "$RESULTS/steps.tsv"
     echo "=== [$name] $status in $((SECONDS - t0))s"
 }
 
@@ -76,17 +80,23 @@ fi
 echo "python: $PY"
 
 # --- Steps ----------------------------------------------------------------------------------
+# In order of importance: bf16 correctness of every attention backend, then their speed (which writes
+# the choice model.attention = "auto" makes on this GPU), our kernels against SDPA/cuDNN/Flex, then
+# the compiled training step.
 if [ "$DRY" = 1 ]; then
+    step attention_backends_smoke 120 "$PY" bench/attention_backends.py --smoke --out "$RESULTS/attention_backends_smoke.json"
     step attention_smoke 120 "$PY" bench/attention.py --smoke --out "$RESULTS/attention_smoke.json"
     step train_smoke 120 "$PY" bench/gpu_train.py --smoke --out "$RESULTS/gpu_train_smoke.json"
 else
     step environment 30 bash -c "nvidia-smi; '$PY' -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version(), \"triton\", triton.__version__, \"gpu\", torch.cuda.get_device_name(0))'"
-    step attention_correctness 90 "$PY" bench/attention.py --check-only --out "$RESULTS/attention_check.json"
-    step attention_bench 160 "$PY" bench/attention.py --budget-s 130 --out "$RESULTS/attention.json"
+    # Correctness (sdpa, flex, triton; causal, documents, window; GQA) first, then forward+backward speed.
+    step attention_backends 150 "$PY" bench/attention_backends.py --budget-s 100 --out "$RESULTS/attention_backends.json"
+    step attention_bench 100 "$PY" bench/attention.py --budget-s 75 --out "$RESULTS/attention.json"
     # Single-GPU training MFU and peak memory (1B and 8B shapes, 2k/8k/32k, bf16 and float8) beside
     # the planner's predicted peak; runs that do not start within the budget are recorded as skipped.
-    step train_mfu 200 "$PY" bench/gpu_train.py --budget-s 150 --run-timeout-s 100 --out "$RESULTS/gpu_train.json"
+    step train_mfu 190 "$PY" bench/gpu_train.py --budget-s 140 --run-timeout-s 100 --out "$RESULTS/gpu_train.json"
 fi
+"$PY" bench/gpu_summary.py "$RESULTS" $( [ "$DRY" = 1 ] && echo --dry-run )
 
 # --- Summary --------------------------------------------------------------------------------
 echo
@@ -97,14 +107,5 @@ for i in "${!NAMES[@]}"; do
     [ "${STATUSES[$i]}" = "ok" ] || failed=1
 done
 [ "$DRY" = 1 ] && echo "  (dry run: no GPU, code paths only)"
-if [ "$DRY" = 0 ] && [ -f "$RESULTS/attention.json" ]; then
-    "$PY" - "$RESULTS/attention.json" <<'EOF' || true
-import json, sys
-r = json.load(open(sys.argv[1]))
-c = r["correctness"]
-print(f"  correctness: {'passed' if c.get('passed') else 'FAILED'}; TFLOP/s fwd/bwd at 8k and 32k: " +
-      ", ".join(f"{x['backend']}@{x['seq_len']} {x.get('fwd_tflops') or 0:.0f}/{x.get('bwd_tflops') or 0:.0f}"
-                for x in r["results"] if x.get("seq_len") in (8192, 32768)))
-EOF
-fi
+echo "  summary: $RESULTS/gpu_check.md"
 exit "$failed"

@@ -162,6 +162,19 @@ def test_selective_keeps_each_backends_attention_and_full_reruns_it(attention, m
     assert calls == {"selective": (ARGS.num_layers, 0), "full": (ARGS.num_layers, ARGS.num_layers)}, calls
 
 
+def test_selective_keeps_flex_attention():
+    """FlexAttention has no backward on CPU, so the test above cannot run it: its higher-order op is what the
+    policy keeps, in the form torch's selective checkpointing accepts as a saved op."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    from torchtrain.parallel.ac import selective_policy
+
+    flex = torch.ops.higher_order.flex_attention
+    assert BACKENDS["flex"].saved_ops == (flex,)
+    assert selective_policy(None, flex) == CheckpointPolicy.MUST_SAVE
+    create_selective_checkpoint_contexts([flex])  # raises for anything but an op or a higher-order op
+
+
 @pytest.mark.parametrize("num_blocks,k,picked", [
     (4, 0, []), (4, 1, [2]), (4, 2, [1, 3]), (4, 3, [0, 2, 3]), (4, 4, [0, 1, 2, 3]), (8, 3, [1, 4, 6]),
     (80, 8, [5, 15, 25, 35, 45, 55, 65, 75]),

@@ -3,6 +3,7 @@ declares and the checks that read the declarations before a run starts. (Every b
 fp64 math: tests/test_attention_kernels.py, where the Triton kernels run under the interpreter.)"""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torchtrain.checks import check_run
 from torchtrain.config import Config, ConfigError, Model, Parallelism, Training
 from torchtrain.models import Transformer, get_model_args
-from torchtrain.models.attention import BACKENDS, MASKS, attention
+from torchtrain.models.attention import BACKENDS, MASKS, attention, reference_attention
 from torchtrain.plan.counters import StepCounter
 
 WINDOW = 5
@@ -52,13 +53,11 @@ def test_a_backend_without_a_mask_is_refused_by_name(monkeypatch):
     check_run(config, dataclasses.replace(args, sliding_window=0), 1, torch.device("cpu"))
 
 
-def test_ring_context_parallelism_refuses_a_window_and_the_all_gather_takes_it():
+def test_both_context_parallel_rotations_take_a_window():
     args = dataclasses.replace(get_model_args("debug"), sliding_window=64)
-    ring = Config(parallelism=Parallelism(dp_shard=1, cp=2, cp_rotate="ring"), training=Training(seq_len=256))
-    with pytest.raises(ConfigError, match="cp_rotate = 'ring' does not support the sliding-window attention.*"
-                                          "window 64.*set parallelism.cp_rotate = 'allgather'"):
-        check_run(ring, args, 2, torch.device("cpu"))
-    check_run(dataclasses.replace(ring, parallelism=Parallelism(dp_shard=1, cp=2)), args, 2, torch.device("cpu"))
+    for rotate in ("ring", "allgather"):  # (their parity with one process: tests/test_cp.py, window cases)
+        check_run(Config(parallelism=Parallelism(dp_shard=1, cp=2, cp_rotate=rotate), training=Training(seq_len=256)),
+                  args, 2, torch.device("cpu"))
 
 
 def test_flops_count_the_keys_a_window_leaves():
@@ -111,10 +110,49 @@ def test_flex_rows_that_see_no_key_are_zero_with_an_infinitely_negative_log_sum_
     ("cuda", False, 0, "sdpa"),  # SDPA's flash / cuDNN kernels: plain causal attention
     ("cuda", True, 0, "flex"), ("cuda", False, 4, "flex"),  # FlexAttention where documents or a window mask it
 ])
-def test_auto_picks_a_backend_proven_on_the_device(device, document_mask, window, expected):
+def test_auto_picks_a_backend_proven_on_the_device(device, document_mask, window, expected, tmp_path, monkeypatch):
+    from torchtrain.models import attention_choice
     from torchtrain.models.shape import auto_attention
 
+    monkeypatch.setattr(attention_choice, "GPU_CHECK_RECORD", tmp_path / "none.json")  # no recorded GPU check
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert auto_attention(torch.device(device), document_mask, window) == expected
+
+
+def test_auto_takes_triton_only_where_a_recorded_check_measured_it_correct_and_faster(tmp_path, monkeypatch):
+    from torchtrain.models import attention_choice
+    from torchtrain.models.attention_choice import decide, record_choices
+    from torchtrain.models.shape import auto_attention
+
+    findings = {  # variant -> (correct, fwd+bwd ms per sequence length)
+        "causal": ({"sdpa": True, "flex": True, "triton": True},  # faster at 2k, slower at 32k
+                   {"sdpa": {2048: 10.0, 32768: 100.0}, "triton": {2048: 9.0, 32768: 120.0}}),
+        "documents": ({"sdpa": True, "flex": True, "triton": True},  # faster everywhere
+                      {"flex": {2048: 10.0, 32768: 100.0}, "triton": {2048: 8.0, 32768: 70.0}}),
+        "window": ({"sdpa": True, "flex": True, "triton": False},  # fastest, but wrong
+                   {"flex": {2048: 10.0}, "triton": {2048: 1.0}}),
+    }
+    choices = {v: decide(v, correct, ms) for v, (correct, ms) in findings.items()}
+    assert {v: c[0] for v, c in choices.items()} == {"causal": "sdpa", "documents": "triton", "window": "flex"}
+    assert "32768: 0.83x" in choices["causal"][1] and "32768: 1.43x" in choices["documents"][1]
+    assert decide("documents", {"flex": True, "triton": True}, {"triton": {2048: 1.0}})[0] == "flex"  # no common S
+    assert decide("documents", {"flex": False, "triton": True}, {"triton": {2048: 1.0}})[0] == "triton"
+
+    path = tmp_path / "gpu_check.json"
+    path.write_text(json.dumps(record_choices(path, "sm_90", "NVIDIA H100", "abc1234", choices)))
+    path.write_text(json.dumps(record_choices(path, "sm_100", "NVIDIA B200", "abc1234",
+                                              {v: ("triton", "test") for v in choices})))
+    monkeypatch.setattr(attention_choice, "GPU_CHECK_RECORD", path)
+    cuda = torch.device("cuda")
+    for capability, expected in [((9, 0), ("sdpa", "triton", "flex")), ((10, 0), ("triton",) * 3),
+                                 ((8, 0), ("sdpa", "flex", "flex"))]:  # sm_80: no record, the defaults
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        got = tuple(auto_attention(cuda, documents, window) for documents, window in [(False, 0), (True, 0), (True, 8)])
+        assert got == expected, capability
+    # A record of other kernels (the source changed since it was measured) is not believed.
+    monkeypatch.setattr(attention_choice, "kernels_fingerprint", lambda: "0" * 16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert auto_attention(cuda, True, 0) == "flex"
 
 
 def test_flex_cannot_train_on_a_cpu_and_says_so():
@@ -123,3 +161,21 @@ def test_flex_cannot_train_on_a_cpu_and_says_so():
     with pytest.raises(ConfigError, match=r"model.attention = 'flex' has no backward on cpu, so it cannot train "
                                           r"there; valid choices on cpu: \['sdpa', 'reference', 'triton'\]"):
         check_run(config, args, 1, torch.device("cpu"))
+
+
+def test_flex_builds_one_block_mask_per_batch():
+    """The layers of a forward pass the same document ids: one block mask serves them all; other ids (or the
+    same tensor changed in place) get their own."""
+    import importlib
+
+    attention_module = importlib.import_module("torchtrain.models.attention")  # the package exports the function
+    q, k, v = (t.double() for t in _inputs(8, 8, seed=5))
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]] * 2)
+    build = attention_module._flex_block_mask
+    first = build(q, k, True, ids, None, 0)
+    assert build(q, k, True, ids, None, 0) is first
+    assert build(q, k, True, ids, None, 2) is not first  # another window
+    ids[:, 5:] = 1  # in place: the cached mask no longer describes these ids
+    out = BACKENDS["flex"].fn(q, k, v, True, ids, None, 0, None)[0]
+    assert build(q, k, True, ids, None, 0) is not first
+    torch.testing.assert_close(out, reference_attention(q, k, v, causal=True, document_ids=ids)[0])

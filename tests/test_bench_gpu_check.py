@@ -30,3 +30,13 @@ def test_dry_run_without_a_gpu(tmp_path):
         assert row["status"] == "ok", row
         assert row["tokens_per_s"] > 0 and row["loss"] > 0 and row["batch_size"] * row["seq_len"] == 256
     assert (tmp_path / "logs/train_smoke.log").is_file()
+    backends = json.loads((tmp_path / "attention_backends_smoke.json").read_text())
+    for variant in ("causal", "documents", "window"):
+        assert {"sdpa", "triton"} <= set(backends["correctness"]["variants"][variant])
+        assert all(r["passed"] for r in backends["correctness"]["variants"][variant].values())
+    assert all("fwd_bwd_ms" in row for row in backends["results"]), backends["results"]
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert record["dry_run"] is True and "attention_choice" not in record  # a dry run chooses nothing
+    assert [s["step"] for s in record["steps"]] == ["attention_backends_smoke", "attention_smoke", "train_smoke"]
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert "DRY RUN" in summary and "| window | triton |" in summary and "## Training step" in summary

@@ -156,12 +156,18 @@ def test_a_rerun_resumes_its_own_run_and_never_clobbers_another(tmp_path):
 
 def test_checkpoint_of_another_model_is_refused_before_training(tmp_path):
     run(tmp_path, "--training.steps", "2")
+    # A record written before head_dim and qk_norm were recorded reads as having their values of then.
+    record_path = tmp_path / "checkpoints/step-00000002/torchtrain.json"
+    record = json.loads(record_path.read_text())
+    assert record["model"].pop("head_dim") == 32 and record["model"].pop("qk_norm") is False
+    record_path.write_text(json.dumps(record))
     with pytest.raises(ConfigError) as failure:
         run(tmp_path, "--model.name", "debug_30m", "--checkpoint.resume", "true")
     message = str(failure.value)
     assert str(tmp_path / "checkpoints/step-00000002") in message
     for expected in ("name: checkpoint 'debug', recipe 'debug_30m'", "dim: checkpoint 256, recipe 512",
-                     "num_layers: checkpoint 4, recipe 8", "ffn_dim: checkpoint 704, recipe 1408"):
+                     "num_layers: checkpoint 4, recipe 8", "ffn_dim: checkpoint 704, recipe 1408",
+                     "head_dim: checkpoint 32, recipe 64"):
         assert expected in message, message
     assert "vocab_size" not in message and "num_heads" not in message  # equal fields are not listed
     assert "step 1/8" not in (tmp_path / "train.log").read_text()  # the second run ran no step

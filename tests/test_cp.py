@@ -124,9 +124,32 @@ def test_merging_partial_attention_over_disjoint_keys_is_attention_over_all():
     torch.testing.assert_close(lse, expected_lse, rtol=1e-12, atol=1e-12)
 
 
+def test_a_ring_blocks_window_is_the_sequences_window():
+    """Each (query chunk, earlier key chunk) block of the ring: its rows and shifted window, through the kernels'
+    bottom-right-aligned mask, see exactly the keys the sequence's sliding window gives those queries."""
+    from torchtrain.kernels.attention.reference import visibility_mask
+    from torchtrain.parallel.cp import _block_window
+
+    for chunk in (4, 8):
+        for window in range(1, 5 * chunk):
+            for q_chunk in range(1, 5):
+                for k_chunk in range(q_chunk):
+                    q_pos = q_chunk * chunk + torch.arange(chunk)[:, None]
+                    k_pos = k_chunk * chunk + torch.arange(chunk)[None, :]
+                    expected = (q_pos - k_pos) < window  # (all causal: the key chunk is earlier)
+                    rows, block_window = _block_window(q_chunk, k_chunk, chunk, window)
+                    got = torch.zeros(chunk, chunk, dtype=torch.bool)
+                    if rows:
+                        mask = visibility_mask(rows, chunk, causal=False, window=block_window)
+                        got[:rows] = True if mask is None else mask
+                    assert torch.equal(got, expected), (chunk, window, q_chunk, k_chunk)
+                    assert rows == int(expected.any(1).sum()), "a block's rows are the queries that see a key"
+
+
 CP2_CASES = ("causal", "docs", "mha_docs", "op_docs", "window_docs", "compile", "ring_causal", "ring_docs",
              "ring_compile", "ring_reference_docs")
-CP4_CASES = ("causal", "docs", "window_docs", "fsdp", "tp", "ring_causal", "ring_docs", "ring_fsdp")  # cp 2 x (dp 2 | tp 2) and cp 4
+CP4_CASES = ("causal", "docs", "window_docs", "fsdp", "tp", "ring_causal", "ring_docs", "ring_window_docs",
+             "ring_fsdp")  # cp 2 x (dp 2 | tp 2) and cp 4
 
 
 @pytest.fixture(scope="module")

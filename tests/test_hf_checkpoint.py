@@ -23,12 +23,26 @@ from torchtrain.config import load_config  # noqa: E402
 from torchtrain.data import load_tokenizer  # noqa: E402
 from torchtrain.export import main as export_main  # noqa: E402
 from torchtrain.hf_checkpoint import export_hf, hf_weight_files, load_hf_weights  # noqa: E402
-from torchtrain.models import ModelArgs, Transformer, get_model_args, hf_config  # noqa: E402
+from torchtrain.models import ModelArgs, RopeScaling, Transformer, get_model_args, hf_config  # noqa: E402
 from torchtrain.models.hf import model_args_from_hf_config  # noqa: E402
 
 ATOL = 1e-5
 GQA = TINY  # 4 query heads, 2 key/value heads
 QWEN2 = dataclasses.replace(TINY, qkv_bias=True, rope_theta=1e6, norm_eps=1e-6)
+QWEN3 = dataclasses.replace(TINY, qk_norm=True, explicit_head_dim=32, rope_theta=1e6, norm_eps=1e-6)  # heads 32 wide
+MISTRAL = dataclasses.replace(TINY, sliding_window=8)  # fewer keys than the tests' 24 tokens
+# Llama-3.2's kind: tied embeddings with Llama-3.1's RoPE scaling
+LLAMA32 = dataclasses.replace(TINY, tie_embeddings=True, rope_theta=500000.0, rope_scaling=RopeScaling(
+    factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=32))
+# (args, family) of the families and variants every import and export test covers
+FAMILIES = {
+    "llama_gqa": (GQA, "llama"),
+    "llama3.2_tied_rope_scaling": (LLAMA32, "llama"),
+    "qwen2_bias": (QWEN2, "qwen2"),
+    "qwen3_head_dim": (QWEN3, "qwen3"),
+    "qwen3_tied": (dataclasses.replace(QWEN3, explicit_head_dim=0, tie_embeddings=True), "qwen3"),
+    "mistral_window": (MISTRAL, "mistral"),
+}
 
 
 def _ours(args: ModelArgs, seed: int = 7) -> Transformer:
@@ -43,7 +57,7 @@ def _tokens(args: ModelArgs) -> torch.Tensor:
     return torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("args,family", [(GQA, "llama"), (QWEN2, "qwen2")], ids=["llama_gqa", "qwen2_bias"])
+@pytest.mark.parametrize("args,family", list(FAMILIES.values()), ids=list(FAMILIES))
 def test_load_sharded_save_pretrained(tmp_path, args, family):
     hf_model = _hf_model(args, family)
     hf_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size=40_000)
@@ -72,9 +86,7 @@ def test_load_opens_only_the_shards_it_needs(tmp_path):
                                hf_model.model.layers[0].self_attn.k_proj.weight, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("args,family", [(GQA, "llama"), (QWEN2, "qwen2"),
-                                         (dataclasses.replace(TINY, tie_embeddings=True), "llama")],
-                         ids=["llama_gqa", "qwen2_bias", "llama_tied"])
+@pytest.mark.parametrize("args,family", list(FAMILIES.values()), ids=list(FAMILIES))
 def test_export_loads_in_transformers(tmp_path, args, family):
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers, trainers

@@ -33,6 +33,8 @@ def _hf_model(args: ModelArgs, family: str):
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     }[family]
     config = config_cls(**hf_config(args, family), attn_implementation="eager")
     torch.manual_seed(0)
@@ -60,6 +62,13 @@ CASES = {
     "llama_tied": (dataclasses.replace(TINY, tie_embeddings=True), "llama"),
     "internlm_qkvo_bias": (dataclasses.replace(TINY, num_kv_heads=4, qkv_bias=True, out_bias=True), "llama"),
     "qwen2_qkv_bias": (dataclasses.replace(TINY, qkv_bias=True, rope_theta=1e6, norm_eps=1e-6), "qwen2"),
+    # Qwen3-32B's kind of shape: heads wider than dim / num_heads (32, not 16), so q/k/v/o are not square.
+    "qwen3_head_dim": (dataclasses.replace(TINY, qk_norm=True, explicit_head_dim=32, rope_theta=1e6, norm_eps=1e-6),
+                       "qwen3"),
+    "qwen3_tied": (dataclasses.replace(TINY, qk_norm=True, tie_embeddings=True, rope_theta=1e6, norm_eps=1e-6),
+                   "qwen3"),
+    # A window of 16 keys under 48-token sequences: most queries see fewer keys than without it.
+    "mistral_window": (dataclasses.replace(TINY, sliding_window=16), "mistral"),
 }
 
 
@@ -83,6 +92,18 @@ def test_logits_match_hf(case, backend):
         expected = hf_model(tokens, position_ids=positions.expand(2, -1)).logits
         torch.testing.assert_close(model(tokens, positions=positions), expected, atol=ATOL, rtol=0)
         torch.testing.assert_close(model(tokens, positions=positions.expand(2, -1)), expected, atol=ATOL, rtol=0)
+
+
+def test_the_window_and_the_qk_norm_change_the_logits():
+    """The cases above would pass with a window or a q/k norm ignored only if these made no difference."""
+    tokens = torch.randint(0, TINY.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    for case, without in (("mistral_window", {"sliding_window": 0}), ("qwen3_head_dim", {"qk_norm": False})):
+        args, family = CASES[case]
+        model = _ours_from_hf(_hf_model(args, family), args)
+        other = Transformer(dataclasses.replace(args, **without)).eval()
+        other.load_state_dict(model.state_dict(), strict=False)
+        with torch.no_grad():
+            assert (model(tokens) - other(tokens)).abs().max() > 1e-2, case
 
 
 def test_rope_scaling_frequencies_match_hf():
@@ -118,6 +139,16 @@ def test_hf_config_rejects_what_the_family_cannot_express():
         hf_config(TINY, "qwen2")
     with pytest.raises(ValueError, match="valid choices"):
         hf_config(TINY, "gpt2")
+    with pytest.raises(ValueError, match="family 'llama' has no per-head q/k norm.*use family 'qwen3'"):
+        hf_config(dataclasses.replace(TINY, qk_norm=True), "llama")
+    with pytest.raises(ValueError, match="family 'qwen3' always has a per-head q/k norm"):
+        hf_config(TINY, "qwen3")
+    with pytest.raises(ValueError, match="family 'llama' has no sliding window.*use family 'mistral'"):
+        hf_config(dataclasses.replace(TINY, sliding_window=16), "llama")
+    with pytest.raises(ValueError, match="family 'mistral' has no attention biases"):
+        hf_config(dataclasses.replace(TINY, qkv_bias=True, out_bias=True), "mistral")
+    with pytest.raises(ValueError, match="explicit_head_dim=32"):
+        hf_config(dataclasses.replace(TINY, qkv_bias=True, explicit_head_dim=32), "qwen2")
 
 
 def test_unknown_key_is_an_error():

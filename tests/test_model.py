@@ -180,6 +180,8 @@ def test_backward_gives_finite_gradients_everywhere():
     (dict(vocab_size=-1), "vocab_size"),
     (dict(norm_eps=0.0), "norm_eps"),
     (dict(dim=12, num_heads=4), "even"),
+    (dict(explicit_head_dim=-8), "explicit_head_dim must be an integer >= 0"),
+    (dict(explicit_head_dim=15), "head_dim .* must be even"),
     (dict(attention="flash"), r"valid choices: \['flex', 'reference', 'sdpa', 'triton'\]"),
     (dict(rope_scaling=RopeScaling(low_freq_factor=4.0, high_freq_factor=1.0)), "low_freq_factor"),
 ])
@@ -214,6 +216,14 @@ PUBLISHED_BILLIONS = {
     "qwen_14b": 14.17,
     "qwen2.5_7b": 7.62,
     "qwen2.5_14b": 14.77,
+    "llama3.1_8b": 8.03,
+    "llama3.1_70b": 70.55,
+    "llama3.2_1b": 1.24,
+    "llama3.2_3b": 3.21,
+    "llama3.3_70b": 70.55,
+    "mistral_7b": 7.24,
+    "qwen3_8b": 8.19,
+    "qwen3_32b": 32.76,
 }
 
 
@@ -225,7 +235,9 @@ def test_param_counts_match_published_and_meta_model(name):
     with torch.device("meta"):
         model = Transformer(args)
     assert sum(p.numel() for p in model.parameters()) == total
-    non_embedding = sum(p.numel() for n, p in model.named_parameters() if n != "tok_embeddings.weight")
+    # (a tied output projection is counted: it does the output's matmul work; see ModelArgs.num_params)
+    non_embedding = sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False)
+                        if n != "tok_embeddings.weight")
     assert args.num_params(exclude_embedding=True) == non_embedding
 
 
@@ -243,6 +255,26 @@ def test_flops_per_token_convention():
     tied = dataclasses.replace(args, tie_embeddings=True)
     assert tied.flops_per_token(2048) == args.flops_per_token(2048)
     assert tied.num_params() == args.num_params() - args.vocab_size * args.dim
+    # The attention term is the attention's width, num_heads * head_dim: Qwen3-32B's 64 * 128, not dim 5120.
+    qwen3 = get_model_args("qwen3_32b")
+    assert qwen3.flops_per_token(4096) == (6 * qwen3.num_params(exclude_embedding=True)
+                                           + 12 * qwen3.num_layers * 64 * 128 * 4096)
+    # A window counts min(s, w) keys per query.
+    mistral = get_model_args("mistral_7b")
+    assert mistral.flops_per_token(32768) == (6 * mistral.num_params(exclude_embedding=True)
+                                              + 12 * mistral.num_layers * mistral.dim * 4096)
+
+
+def test_a_wider_head_and_the_qk_norm_in_the_model():
+    args = dataclasses.replace(TINY, explicit_head_dim=32, qk_norm=True)  # 4 heads of 32 on a 64-wide stream
+    model = _meta_init(args, 0)
+    attention = model.layers["0"].attention
+    assert args.head_dim == 32 and attention.wq.weight.shape == (4 * 32, 64) and attention.wo.weight.shape == (64, 128)
+    assert attention.q_norm.weight.shape == attention.k_norm.weight.shape == (32,)
+    assert torch.equal(attention.q_norm.weight, torch.ones(32))
+    assert sum(p.numel() for p in model.parameters()) == args.num_params()
+    assert model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 8, args.vocab_size)
+    assert dataclasses.replace(TINY, explicit_head_dim=0).head_dim == TINY.dim // TINY.num_heads
 
 
 def test_a_block_draws_the_same_values_whatever_else_the_module_holds():

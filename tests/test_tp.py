@@ -9,7 +9,7 @@ import pytest
 
 from launcher import REPO, run_cases
 
-CASES = ("validate", "loss", "eager", "docs", "tied", "stages", "ac", "compile", "ac_compile", "fsdp")
+CASES = ("validate", "loss", "eager", "docs", "tied", "qk_norm", "stages", "ac", "compile", "ac_compile", "fsdp")
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def test_tensor_parallel_matches_one_process(tp_run, case):
 
 
 def test_a_parameter_the_plan_does_not_place_is_refused():
-    """A block parameter outside the plan (here a per-head query norm) would stay a plain tensor on every
+    """A block parameter outside the plan (here a norm inside the feed-forward) would stay a plain tensor on every
     tp rank and drift apart; apply_tp names it instead. Run on the meta device over a fake 2-rank group."""
     import torch
     import torch.distributed as dist
@@ -40,10 +40,10 @@ def test_a_parameter_the_plan_does_not_place_is_refused():
         mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
         with torch.device("meta"):
             whole, extended = Transformer(get_model_args("debug")), Transformer(get_model_args("debug"))
-            extended.layers["1"].attention.q_norm = torch.nn.RMSNorm(32)
+            extended.layers["1"].feed_forward.norm = torch.nn.RMSNorm(32)
         apply_tp(whole, mesh["tp"])
         assert all(isinstance(p, DTensor) for p in whole.parameters())
-        with pytest.raises(ValueError, match=r"places no layout on \['layers.1.attention.q_norm.weight'\]"):
+        with pytest.raises(ValueError, match=r"places no layout on \['layers.1.feed_forward.norm.weight'\]"):
             apply_tp(extended, mesh["tp"])
     finally:
         dist.destroy_process_group()

@@ -93,7 +93,7 @@ def check_resume(config: Config, model: dict[str, Any]) -> list[str]:
     if saved is None:  # none readable: resume tries each and says why it cannot (load_newest_intact)
         return []
     path, record = saved
-    model_differences = _differences(record.get("model", {}), model)
+    model_differences = _differences(_with_older_defaults(record.get("model", {})), model)
     data_differences = _differences(record.get("run", {}), run_record(config))
     if resume is True and not model_differences:
         return data_differences
@@ -136,7 +136,16 @@ _COMPLETE = re.compile(r"^step-(\d{8})$")
 _PARTIAL_SUFFIX = ".partial"
 _SHARD_OWNER = re.compile(r"^__(\d+)_")  # DCP's FileSystemWriter names each rank's files __<rank>_<n>.distcp
 _RECORD = "torchtrain.json"  # the model record, written by rank 0 into the folder before its rename
-_SHAPE_FIELDS = ("dim", "num_layers", "num_heads", "num_kv_heads", "vocab_size", "ffn_dim")
+_SHAPE_FIELDS = ("dim", "num_layers", "num_heads", "num_kv_heads", "vocab_size", "ffn_dim", "head_dim", "qk_norm")
+
+
+def _with_older_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved model record with the shape fields records before them lacked, at the values they then had."""
+    saved = dict(saved)
+    if isinstance(saved.get("dim"), int) and isinstance(saved.get("num_heads"), int) and saved["num_heads"] > 0:
+        saved.setdefault("head_dim", saved["dim"] // saved["num_heads"])
+    saved.setdefault("qk_norm", False)
+    return saved
 
 
 class ModelAndOptimizer(Stateful):
@@ -346,6 +355,7 @@ class CheckpointManager:
             saved = json.loads(record_path.read_text())["model"]
             if not isinstance(saved, dict):
                 raise TypeError(f"its model record is a {type(saved).__name__}, not a table")
+            saved = _with_older_defaults(saved)
         except (ValueError, KeyError, TypeError) as e:
             raise DamagedCheckpointError(f"checkpoint {path}: unreadable {_RECORD} ({e})") from None
         differences = [f"{key}: checkpoint {saved.get(key, '(missing)')!r}, recipe {value!r}"

@@ -1,8 +1,9 @@
 """Export a training checkpoint as a Hugging Face model folder.
 
     python -m torchtrain.export --config recipes/debug.toml \\
-        --checkpoint outputs/debug/checkpoints/step-00000150 --out hf/debug [--family llama|qwen2|qwen|internlm2] \\
-        [--dtype bfloat16|float32|float16] [--tokenizer PATH] [--max-shard-mb 5000] [--section.key value ...]
+        --checkpoint outputs/debug/checkpoints/step-00000150 --out hf/debug \\
+        [--family llama|qwen2|qwen3|mistral|qwen|internlm2] [--dtype bfloat16|float32|float16] \\
+        [--tokenizer PATH] [--max-shard-mb 5000] [--section.key value ...]
     torchrun --standalone --nproc_per_node=4 -m torchtrain.export ...   # the shards split among 4 processes
 
 Streams on the CPU: the model tensors of the DCP checkpoint (whatever parallel layout wrote it) are

@@ -277,8 +277,8 @@ def _shard_names(count: int) -> list[str]:
     return [SINGLE_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def _write_shard(path: Path, tensors: list[ExportTensor], dtype: torch.dtype, read: Callable[[tuple[str, ...]], list[Tensor]],
-                 scheme: str, model_args: ModelArgs) -> None:
+def _write_shard(path: Path, tensors: list[ExportTensor], dtype: torch.dtype,
+                 read: Callable[[tuple[str, ...]], list[Tensor]], scheme: str, model_args: ModelArgs) -> None:
     """Write one safetensors file, tensor by tensor as ``read`` returns them, under a hidden temporary name
     renamed to ``path`` once complete (a killed export leaves no cut file under a final name).
 
@@ -291,7 +291,8 @@ def _write_shard(path: Path, tensors: list[ExportTensor], dtype: torch.dtype, re
     offset = 0
     for t in tensors:
         size = math.prod(t.shape) * dtype.itemsize
-        header[t.key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[t.key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(t.shape),
+                         "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)

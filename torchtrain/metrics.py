@@ -3,8 +3,10 @@
 FLOP convention (the one every figure in this project uses): a token costs
 ``6 * N + 12 * L * d * s`` FLOPs for forward + backward, where N is the number of non-embedding
 parameters (the output projection counts, the input embedding table does not), L the number of
-blocks, d the model width and s the sequence length (with a sliding window ``w``, the keys a query
-sees: ``min(s, w)``). Attention is counted without halving for causality, and recomputation (activation checkpointing) is not counted: it is work done, not
+blocks, d the attention's width (``num_heads * head_dim``: the model width, except where the heads are
+set wider, as in Qwen3-32B: 8192, not 5120) and s the sequence length (with a sliding window ``w``, the
+keys a query sees: ``min(s, w)``, likewise not halved). Attention is counted without halving for
+causality, and recomputation (activation checkpointing) is not counted: it is work done, not
 progress made. MFU = achieved model FLOP/s / the device's dense bf16 peak.
 """
 

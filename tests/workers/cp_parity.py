@@ -15,7 +15,9 @@ runs it on the whole batch; the context-parallel model runs each rank's load-bal
 * ``fsdp`` (4 ranks: dp_shard 2 x cp 2) and ``tp`` (4 ranks: tp 2 x cp 2): the trainer's own
   ``build_mesh`` + ``parallelize`` + ``init_weights``, so FSDP shards over dp_shard x cp and sums the
   cp ranks' gradients itself; the data-parallel ranks read different samples;
-* ``ring_CASE`` (``ring_causal``, ``ring_docs``, ``ring_compile``, ``ring_fsdp``, ``ring_reference_docs``):
+* ``ring_CASE`` (``ring_causal``, ``ring_docs``, ``ring_compile``, ``ring_fsdp``, ``ring_reference_docs``,
+  ``ring_window_docs``: at cp 4, chunks of 4 tokens, the window of 7 reaches the previous chunk whole, the
+  one before it in part, and the one before that not at all):
   CASE with ``cp_rotate = "ring"``, the keys and values passed around the ring instead of all-gathered
   (``ring_compile``: the ring op inside the compiled blocks; ``reference_docs``: the model on the
   ``"reference"`` backend, whose blocks and block backward the ring then uses instead of the op's).

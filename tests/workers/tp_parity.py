@@ -133,6 +133,8 @@ def model_args(case: str = ""):
         overrides["attention"] = "reference"
     if case == "tied":  # a shared embedding/output weight, and biases on the projections
         overrides.update(tie_embeddings=True, qkv_bias=True, out_bias=True)
+    if case == "qk_norm":  # Qwen3's per-head q/k norms (on the head-sharded q and k), heads wider than dim / heads
+        overrides.update(qk_norm=True, explicit_head_dim=32)
     return dataclasses.replace(get_model_args("debug"), **overrides)
 
 
@@ -222,7 +224,7 @@ def check_model(mesh, case: str, report: bool = True) -> None:
     assert grads.keys() == ref_params.keys(), set(grads) ^ set(ref_params)
     for name, grad in grads.items():
         close(grad.full_tensor(), ref_params[name].grad, f"{case}: grad {name}", 1e-5)
-    if case in ("eager", "fsdp"):
+    if case in ("eager", "fsdp", "qk_norm"):
         # What the trainer does next. The gradients take their parameters' layouts: without FSDP the
         # RMSNorm gains' come out Partial (summed by one all-reduce for the whole model) and the
         # embedding's Replicate (cut locally); FSDP lays them out like the parameters itself.

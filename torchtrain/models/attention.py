@@ -139,14 +139,37 @@ def _triton(q: Tensor, k: Tensor, v: Tensor, causal: bool, document_ids: Optiona
                            window=window, scale=scale)
 
 
+# The last block mask built outside compiled code, with what it was built from: every layer of a forward (and
+# the recomputation of checkpointed ones) passes the same document-id tensors, so one mask serves the batch.
+_last_block_mask: tuple = ()
+
+
 def _flex_block_mask(q: Tensor, k: Tensor, causal: bool, document_ids: Optional[Tensor],
                      kv_document_ids: Optional[Tensor], window: int):
     """FlexAttention's block mask of these masks (None when there are none): which (query, key) pairs are
-    visible, evaluated once per call into the sparse block table its kernels skip by."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+    visible, evaluated into the sparse block table its kernels skip by; built once per batch in eager code
+    (inside a compiled block it is part of the block's graph)."""
+    global _last_block_mask
     if not causal and document_ids is None and not window:
         return None
+    if torch.compiler.is_compiling():
+        return _build_flex_block_mask(q, k, causal, document_ids, kv_document_ids, window)
+    # NOTE: tensors are compared by identity and version (an in-place change bumps it), never by value: a
+    # comparison of values would cost as much as the mask.
+    key = (q.shape[0], q.shape[2], k.shape[2], causal, window, q.device,
+           *((t, t._version) if t is not None else (None, None) for t in (document_ids, kv_document_ids)))
+    if _last_block_mask and len(_last_block_mask[0]) == len(key) and all(
+            a is b if isinstance(a, Tensor) else a == b for a, b in zip(_last_block_mask[0], key)):
+        return _last_block_mask[1]
+    mask = _build_flex_block_mask(q, k, causal, document_ids, kv_document_ids, window)
+    _last_block_mask = (key, mask)
+    return mask
+
+
+def _build_flex_block_mask(q: Tensor, k: Tensor, causal: bool, document_ids: Optional[Tensor],
+                           kv_document_ids: Optional[Tensor], window: int):
+    from torch.nn.attention.flex_attention import create_block_mask
+
     q_len, kv_len = q.shape[2], k.shape[2]
     offset = kv_len - q_len  # queries are the last q_len positions
     kv_ids = kv_document_ids if kv_document_ids is not None else document_ids
@@ -173,16 +196,16 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, causal: bool, document_ids: Optional[
     # NOTE: FlexAttention is fused only when compiled: inside the trainer's compiled blocks it is; called
     # eagerly on CUDA it is compiled here once (eager flex is its unfused reference). On CPU it runs eagerly.
     global _compiled_flex_attention
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     run = flex_attention
     if q.is_cuda and not torch.compiler.is_compiling():
         if _compiled_flex_attention is None:
             _compiled_flex_attention = torch.compile(flex_attention)
         run = _compiled_flex_attention
-    out, lse = run(q, k, v, block_mask=_flex_block_mask(q, k, causal, document_ids, kv_document_ids, window),
-                   scale=scale, enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
-    return out, lse
+    out, aux = run(q, k, v, block_mask=_flex_block_mask(q, k, causal, document_ids, kv_document_ids, window),
+                   scale=scale, enable_gqa=q.shape[1] != k.shape[1], return_aux=AuxRequest(lse=True))
+    return out, aux.lse
 
 
 def _keys_seen(q_shape, k_shape, window: int) -> tuple[int, ...]:
@@ -221,7 +244,9 @@ BACKENDS: dict[str, AttentionBackend] = {
     }),
     "reference": AttentionBackend(_reference, frozenset(MASKS), block_backward=_reference_block_backward),
     # FlexAttention has no backward on CPU (torch 2.13): it validates forward parity there, trains on CUDA.
-    "flex": AttentionBackend(_flex, frozenset(MASKS), trains_on=frozenset({"cuda"})),
+    # Its op is a higher-order operator; torch's selective checkpointing caches its outputs like an op's.
+    "flex": AttentionBackend(_flex, frozenset(MASKS), saved_ops=(torch.ops.higher_order.flex_attention,),
+                             trains_on=frozenset({"cuda"})),
     "triton": AttentionBackend(_triton, frozenset(MASKS), block_backward=torch.ops.torchtrain.flash_attention_backward,
                                saved_ops=(torch.ops.torchtrain.flash_attention.default,), flop_formulas={
         torch.ops.torchtrain.flash_attention: _flash_attention_flops,

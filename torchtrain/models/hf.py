@@ -1,8 +1,8 @@
 """Hugging Face interop: config fields and state-dict key names.
 
-Our layout equals Hugging Face's ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` layout up to
-key names (RoPE uses the same rotate-half convention, so no weight permutation is needed),
-so conversion is a renaming table. ``transformers`` itself is not imported here: it is only
+Our layout equals Hugging Face's ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` /
+``MistralForCausalLM`` layout up to key names (RoPE uses the same rotate-half convention, so no
+weight permutation is needed), so conversion is a renaming table. ``transformers`` itself is not imported here: it is only
 a test dependency.
 
 * ``hf_config(args, family)``: the ``config.json`` fields of the equivalent HF model;
@@ -11,10 +11,12 @@ a test dependency.
   are passed through, not copied). Keys of absent layers are simply absent, so a pipeline
   stage's partial state dict converts too.
 * ``model_args_from_hf_config(config_json)``: ``ModelArgs`` from a released ``config.json`` of
-  Llama 2/3, Qwen2/2.5, Qwen (1), InternLM and InternLM2 (``HF_MODEL_TYPES``).
+  Llama 2/3/3.1/3.2/3.3, Qwen2/2.5, Qwen3 (dense), Mistral, Qwen (1), InternLM and InternLM2
+  (``HF_MODEL_TYPES``).
 
-* ``SCHEMES``: how each family's checkpoints name our tensors (``llama``: Llama 2/3, Qwen2/2.5 and
-  InternLM 1; ``qwen``: Qwen 1; ``internlm2``), picked from a folder's tensor names by ``scheme_of``;
+* ``SCHEMES``: how each family's checkpoints name our tensors (``llama``: Llama 2/3, Qwen2/2.5,
+  Qwen3, Mistral and InternLM 1; ``qwen``: Qwen 1; ``internlm2``), picked from a folder's tensor
+  names by ``scheme_of``;
   ``hf_source(name, scheme, args)`` is the checkpoint tensor (and the q/k/v part of a packed one)
   holding our parameter ``name``, ``unpack_qkv`` cuts that part out. ``torchtrain.hf_checkpoint``
   reads and writes the files with these tables.
@@ -37,6 +39,8 @@ __all__ = ["HF_ARCHITECTURES", "HF_MODEL_TYPES", "SCHEMES", "hf_config", "from_h
 HF_ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",  # bias on q/k/v/o together or not at all (attention_bias)
     "qwen2": "Qwen2ForCausalLM",  # bias on q/k/v, never on o
+    "qwen3": "Qwen3ForCausalLM",  # per-head q/k RMSNorm; head_dim its own; bias on q/k/v/o together or not at all
+    "mistral": "MistralForCausalLM",  # Llama's names, no biases, a sliding window (or none)
 }
 
 # HF name -> our name, outside the blocks.
@@ -52,6 +56,8 @@ _PER_LAYER: dict[str, str] = {
     "self_attn.k_proj": "attention.wk",
     "self_attn.v_proj": "attention.wv",
     "self_attn.o_proj": "attention.wo",
+    "self_attn.q_norm": "attention.q_norm",  # Qwen3
+    "self_attn.k_norm": "attention.k_norm",
     "mlp.gate_proj": "feed_forward.w1",
     "mlp.up_proj": "feed_forward.w3",
     "mlp.down_proj": "feed_forward.w2",
@@ -106,7 +112,9 @@ def hf_config(args: ModelArgs, family: str = "llama") -> dict[str, Any]:
     """The ``config.json`` fields of the Hugging Face model equal to ``args``.
 
     ``family`` is ``"llama"`` (``LlamaForCausalLM``; InternLM's q/k/v/o biases map to
-    ``attention_bias``) or ``"qwen2"`` (``Qwen2ForCausalLM``: q/k/v bias, no o bias). RoPE is
+    ``attention_bias``), ``"qwen2"`` (``Qwen2ForCausalLM``: q/k/v bias, no o bias), ``"qwen3"``
+    (``Qwen3ForCausalLM``: the per-head q/k norm, which it always has) or ``"mistral"``
+    (``MistralForCausalLM``: no biases; the one family with a sliding window). RoPE is
     written as ``rope_theta`` + ``rope_scaling``, the form in the released config files,
     which transformers 4.x reads directly and 5.x converts into ``rope_parameters``.
     Raises ``ValueError`` if the family cannot express ``args``.
@@ -138,23 +146,44 @@ def hf_config(args: ModelArgs, family: str = "llama") -> dict[str, Any]:
         "rope_scaling": rope_scaling,
         "tie_word_embeddings": args.tie_embeddings,
     }
-    if family == "llama":
+    # NOTE: a feature the family's HF model lacks would be dropped silently by a config.json that cannot
+    # say it, and the exported model would compute something else: refuse instead.
+    if args.qk_norm != (family == "qwen3"):
+        raise ValueError(f"family {family!r} {'always has a' if family == 'qwen3' else 'has no'} per-head q/k norm, "
+                         f"but ModelArgs has qk_norm={args.qk_norm}; "
+                         f"use family {'qwen3' if args.qk_norm else 'llama'!r}")
+    if args.sliding_window and family != "mistral":
+        raise ValueError(f"family {family!r} has no sliding window, but ModelArgs has sliding_window="
+                         f"{args.sliding_window}; use family 'mistral'")
+    if family in ("llama", "qwen3"):
         if args.qkv_bias != args.out_bias:
             raise ValueError(
-                "family 'llama' has one attention_bias flag for q/k/v/o, but ModelArgs has "
+                f"family {family!r} has one attention_bias flag for q/k/v/o, but ModelArgs has "
                 f"qkv_bias={args.qkv_bias}, out_bias={args.out_bias}; use family 'qwen2' for q/k/v-only bias")
-        config.update(attention_bias=args.qkv_bias, mlp_bias=False, head_dim=args.head_dim)
+        config.update(attention_bias=args.qkv_bias, head_dim=args.head_dim)
+        if family == "llama":
+            config.update(mlp_bias=False)
+        else:
+            config.update(use_sliding_window=False, sliding_window=None)
+    elif family == "mistral":
+        if args.qkv_bias or args.out_bias:
+            raise ValueError("family 'mistral' has no attention biases, but ModelArgs has "
+                             f"qkv_bias={args.qkv_bias}, out_bias={args.out_bias}")
+        config.update(head_dim=args.head_dim, sliding_window=args.sliding_window or None)
     else:
         if not args.qkv_bias or args.out_bias:
             raise ValueError(
                 "family 'qwen2' always has a q/k/v bias and no o bias, but ModelArgs has "
                 f"qkv_bias={args.qkv_bias}, out_bias={args.out_bias}")
+        if args.explicit_head_dim:
+            raise ValueError(f"family 'qwen2' has head_dim = hidden_size // num_attention_heads, but ModelArgs has "
+                             f"explicit_head_dim={args.explicit_head_dim}; use family 'qwen3' or 'llama'")
         config.update(use_sliding_window=False)
     return config
 
 
 # config.json ``model_type`` values ``model_args_from_hf_config`` reads.
-HF_MODEL_TYPES = ("llama", "qwen2", "qwen", "internlm", "internlm2")
+HF_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "qwen", "internlm", "internlm2")
 
 
 def _rope_from_hf(cfg: dict[str, Any], default_theta: float) -> tuple[float, RopeScaling | None]:
@@ -178,7 +207,9 @@ def model_args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     """The ``ModelArgs`` of a Hugging Face ``config.json`` (a parsed dict).
 
     ``model_type`` selects the field names: ``llama`` (``attention_bias`` -> q/k/v/o biases),
-    ``qwen2`` (q/k/v biases), ``qwen`` (Qwen 1: ``intermediate_size`` is the width of both up
+    ``qwen2`` (q/k/v biases), ``qwen3`` (``attention_bias``; the q/k norm; ``head_dim``, 128 when
+    absent as in transformers; a window in some layers, ``use_sliding_window``, is refused),
+    ``mistral`` (``sliding_window``, null: none), ``qwen`` (Qwen 1: ``intermediate_size`` is the width of both up
     projections together, so each SwiGLU branch is half of it; ``seq_length``,
     ``rotary_emb_base``, ``layer_norm_epsilon``; ``c_attn`` always has a bias), ``internlm``
     (InternLM 1: ``bias`` -> q/k/v/o biases) and ``internlm2`` (``bias`` -> wqkv and wo biases).
@@ -213,18 +244,35 @@ def model_args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
         qkv_bias, out_bias = True, False
         if cfg.get("use_sliding_window", False):
             raise ValueError("Qwen2 config has use_sliding_window = true, which our model lacks")
+    elif model_type == "qwen3":
+        qkv_bias = out_bias = bool(cfg.get("attention_bias", False))
+        # NOTE: Qwen3 slides the window only in the layers from max_window_layers on (and only with
+        # use_sliding_window); our blocks share one window, so such a mix is refused.
+        sliding_layers = [t for t in cfg.get("layer_types") or [] if t == "sliding_attention"]
+        if sliding_layers or (cfg.get("use_sliding_window", False) and cfg.get("sliding_window")
+                              and cfg.get("max_window_layers", 28) < int(cfg["num_hidden_layers"])):
+            raise ValueError("Qwen3 config has use_sliding_window = true (a window in some layers only), which our "
+                             "model lacks")
+    elif model_type == "mistral":
+        qkv_bias = out_bias = False
     else:  # internlm, internlm2
         qkv_bias = out_bias = bool(cfg.get("bias", model_type == "internlm"))
-    head_dim = cfg.get("head_dim")
-    if head_dim is not None and head_dim * heads != dim:
+    # NOTE: an explicit head_dim equal to hidden_size // heads is stored as 0 (derived), so the same
+    # model read from configs with and without the key gives equal ModelArgs.
+    head_dim = cfg.get("head_dim") or (128 if model_type == "qwen3" else None)
+    explicit_head_dim = 0 if head_dim is None or int(head_dim) * heads == dim else int(head_dim)
+    if explicit_head_dim and model_type not in ("llama", "qwen3", "mistral"):
         raise ValueError(f"config head_dim {head_dim} * num_attention_heads {heads} != hidden_size {dim}; "
-                         f"our model needs head_dim = hidden_size // num_attention_heads")
+                         f"model_type {model_type!r} needs head_dim = hidden_size // num_attention_heads")
     args = ModelArgs(
         dim=dim, num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads), vocab_size=int(cfg["vocab_size"]),
         ffn_dim=int(cfg["intermediate_size"]), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=theta, rope_scaling=scaling, max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
-        qkv_bias=qkv_bias, out_bias=out_bias, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+        qkv_bias=qkv_bias, out_bias=out_bias, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        explicit_head_dim=explicit_head_dim, qk_norm=model_type == "qwen3",
+        # (transformers' MistralConfig defaults sliding_window to 4096 when the key is absent; null is none)
+        sliding_window=int(cfg.get("sliding_window", 4096) or 0) if model_type == "mistral" else 0)
     args.validate()
     return args
 
@@ -350,9 +398,11 @@ def export_config(args: ModelArgs, family: str) -> dict[str, Any]:
         if family not in HF_ARCHITECTURES:
             raise ValueError(f"unknown HF family {family!r}; valid choices: {export_families()}")
         return hf_config(args, family)
-    if args.rope_scaling is not None or args.sliding_window:
-        raise ValueError(f"family {family!r} has neither Llama-3.1 RoPE scaling nor a sliding window, but ModelArgs "
-                         f"has rope_scaling={args.rope_scaling}, sliding_window={args.sliding_window}")
+    # NOTE: as in hf_config, what the family's config cannot say is refused, not dropped.
+    if args.rope_scaling is not None or args.sliding_window or args.qk_norm or args.explicit_head_dim:
+        raise ValueError(f"family {family!r} has no Llama-3.1 RoPE scaling, sliding window, q/k norm or head width "
+                         f"of its own, but ModelArgs has rope_scaling={args.rope_scaling}, sliding_window="
+                         f"{args.sliding_window}, qk_norm={args.qk_norm}, explicit_head_dim={args.explicit_head_dim}")
     common = {"architectures": [REMOTE_CODE_ARCHITECTURES[family]], "model_type": family,
               "vocab_size": args.vocab_size, "hidden_size": args.dim, "num_hidden_layers": args.num_layers,
               "num_attention_heads": args.num_heads, "max_position_embeddings": args.max_seq_len,

@@ -1,8 +1,9 @@
 """The Llama-family decoder-only Transformer, readable top to bottom.
 
-One model covers Llama 2/3, InternLM and Qwen: pre-norm RMSNorm blocks, grouped-query
-attention with rotary position embeddings, and a SwiGLU feed-forward; the families differ
-only in sizes, RoPE base/scaling and which projections carry a bias (see ``ModelArgs``).
+One model covers Llama 2/3, InternLM, Qwen (1, 2, 3) and Mistral: pre-norm RMSNorm blocks,
+grouped-query attention with rotary position embeddings, and a SwiGLU feed-forward; the families
+differ only in sizes, RoPE base/scaling, which projections carry a bias, a head width other than
+``dim // num_heads`` and a per-head q/k norm (Qwen3), and a sliding window (Mistral): see ``ModelArgs``.
 
 Parameter names follow the original Llama code (``wq/wk/wv/wo``, ``w1/w2/w3``) and the
 layout follows Hugging Face's (RoPE rotates the two halves of each head, not interleaved
@@ -74,7 +75,7 @@ class ModelArgs:
 
     dim: int = 256  # model (residual stream) width
     num_layers: int = 4  # number of Transformer blocks
-    num_heads: int = 8  # query heads; head_dim = dim // num_heads
+    num_heads: int = 8  # query heads
     num_kv_heads: int = 2  # key/value heads (grouped-query attention); == num_heads for MHA
     vocab_size: int = 8192  # rows of the embedding table and columns of the output projection
     ffn_dim: int = 704  # hidden width of the SwiGLU feed-forward (w1/w3 out, w2 in)
@@ -87,10 +88,20 @@ class ModelArgs:
     tie_embeddings: bool = False  # output projection shares the embedding weight
     attention: str = "sdpa"  # attention backend, a key of models.attention.BACKENDS
     sliding_window: int = 0  # keys each token attends to, itself included (Mistral); 0: every earlier key
+    # Width of each attention head when it is not dim // num_heads (Qwen3-32B: 128, not 5120 / 64 = 80);
+    # 0: dim // num_heads. Read the resolved width as ``head_dim``.
+    explicit_head_dim: int = 0
+    qk_norm: bool = False  # RMSNorm over each head of q and of k, before RoPE (Qwen3's q_norm / k_norm)
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.num_heads
+        """The width of each attention head: ``explicit_head_dim``, else ``dim // num_heads``."""
+        return self.explicit_head_dim or self.dim // self.num_heads
+
+    @property
+    def q_dim(self) -> int:
+        """The width of all query heads together (the attention's inner width; ``dim`` unless the head width is set)."""
+        return self.num_heads * self.head_dim
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field if the shape is inconsistent."""
@@ -101,13 +112,18 @@ class ModelArgs:
         for name in ("norm_eps", "rope_theta"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelArgs.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.dim % self.num_heads != 0:
-            raise ValueError(f"ModelArgs.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        if not isinstance(self.explicit_head_dim, int) or self.explicit_head_dim < 0:
+            raise ValueError(f"ModelArgs.explicit_head_dim must be an integer >= 0 (0: dim // num_heads), got "
+                             f"{self.explicit_head_dim!r}")
+        if not self.explicit_head_dim and self.dim % self.num_heads != 0:
+            raise ValueError(f"ModelArgs.dim ({self.dim}) must be divisible by num_heads ({self.num_heads}), "
+                             "or explicit_head_dim set")
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(
                 f"ModelArgs.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2 != 0:
-            raise ValueError(f"head_dim = dim // num_heads must be even for RoPE, got {self.head_dim}")
+            raise ValueError(f"ModelArgs.head_dim (explicit_head_dim, else dim // num_heads) must be even for RoPE, "
+                             f"got {self.head_dim}")
         if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
             raise ValueError(f"ModelArgs.sliding_window must be an integer >= 0 (0: no window), got "
                              f"{self.sliding_window!r}")
@@ -132,6 +148,8 @@ class ModelArgs:
             attn += q_dim + 2 * kv_dim
         if self.out_bias:
             attn += d
+        if self.qk_norm:
+            attn += 2 * hd  # q_norm and k_norm gains, shared by all heads
         ffn = 3 * d * self.ffn_dim
         block = attn + ffn + 2 * d  # + attention_norm and ffn_norm weights
         body = self.num_layers * block + d  # + final norm
@@ -146,15 +164,17 @@ class ModelArgs:
         The project's one convention: ``6 * N + 12 * L * d * s`` where ``N`` is
         ``num_params(exclude_embedding=True)`` (all parameters but the input embedding
         table, which is a lookup, not a matmul; the output projection is included, tied or
-        not), ``L`` the number of layers, ``d`` the model width and ``s`` the sequence
-        length. ``6 * N``: 2 FLOPs per multiply-add, forward once and backward twice.
+        not), ``L`` the number of layers, ``d`` the attention's width (``num_heads * head_dim``:
+        the model width, except where the head width is set otherwise, as in Qwen3-32B) and ``s``
+        the sequence length. ``6 * N``: 2 FLOPs per multiply-add, forward once and backward twice.
         ``12 * L * d * s``: the two attention matmuls (``QK^T`` and ``PV``), 2 * 2 * d * s
         per layer forward, times 3 for forward + backward, counted over the full ``s x s``
         score matrix, i.e. WITHOUT halving for the causal mask (as in the PaLM paper's MFU). With a
-        sliding window ``w`` a query's row holds ``min(s, w)`` keys, and ``s`` becomes that.
+        sliding window ``w`` a query's row holds ``min(s, w)`` keys, and ``s`` becomes that
+        (the window's triangle is not halved either: a row of ``w`` keys, as a causal row of ``s``).
         """
         keys = min(seq_len, self.sliding_window) if self.sliding_window else seq_len
-        return 6 * self.num_params(exclude_embedding=True) + 12 * self.num_layers * self.dim * keys
+        return 6 * self.num_params(exclude_embedding=True) + 12 * self.num_layers * self.q_dim * keys
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,6 +264,10 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.num_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.num_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.num_heads * self.head_dim, args.dim, bias=args.out_bias)
+        # Qwen3: each head's q and k RMS-normalised over head_dim (one gain vector shared by the heads)
+        # before RoPE. Per head, so they need no change when tensor parallelism shards the heads.
+        self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
         # NOTE: parallel code may replace this (same signature): context parallelism attends the local
         # queries to the keys and values of the whole sequence (parallel/cp.py).
         self.attention_fn = attention
@@ -256,9 +280,14 @@ class Attention(nn.Module):
         # is inferred (-1) so tensor parallelism, which shards the projections by heads, works
         # without telling the model how many heads it holds.
         tokens = x.reshape(bsz * seq_len, dim)
-        q = self.wq(tokens).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)  # [B, Hq, S, D]
-        k = self.wk(tokens).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        q = self.wq(tokens).view(bsz, seq_len, -1, self.head_dim)  # [B, S, Hq, D]
+        k = self.wk(tokens).view(bsz, seq_len, -1, self.head_dim)  # [B, S, Hkv, D]
         v = self.wv(tokens).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        if self.q_norm is not None:
+            # NOTE: applied in the [B, S, H, D] layout (heads on dim 2): tensor parallelism marks that dim
+            # as the sharded one for these norms (parallel/tp.py).
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, S, D]
         q = apply_rope(q, rope_cos, rope_sin)
         k = apply_rope(k, rope_cos, rope_sin)
         if kv_cache is not None:
@@ -273,6 +302,9 @@ class Attention(nn.Module):
         for linear in (self.wq, self.wk, self.wv):
             _init_linear(linear, std, generator)
         _init_linear(self.wo, out_std, generator)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
 
 
 class FeedForward(nn.Module):
@@ -439,7 +471,7 @@ class Transformer(nn.Module):
           into the residual stream (``wo`` and ``w2``), whose std is divided by
           ``sqrt(2 * num_layers)``: each block adds two such outputs to the residual, so this
           keeps its variance roughly independent of depth (GPT-2's scheme);
-        * biases: zeros; RMSNorm gains: ones;
+        * biases: zeros; RMSNorm gains (q_norm and k_norm included): ones;
         * RoPE tables: recomputed on ``buffer_device`` (default: where they are now).
 
         Works on a model built normally and on one materialised from the meta device with

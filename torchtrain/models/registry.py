@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 
-from torchtrain.models.llama import ModelArgs
+from torchtrain.models.llama import ModelArgs, RopeScaling
 
 __all__ = ["MODELS", "get_model_args"]
 
@@ -51,6 +51,43 @@ MODELS: dict[str, ModelArgs] = {
         dim=8192, num_layers=80, num_heads=64, num_kv_heads=8, vocab_size=128256, ffn_dim=28672,
         norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192,
     ),
+    # meta-llama/Llama-3.1-8B: 8.03B; Llama 3's shape with the RoPE scaling ("rope_type": "llama3", factor 8,
+    # low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192) that stretches it to 131072.
+    "llama3.1_8b": ModelArgs(
+        dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, vocab_size=128256, ffn_dim=14336,
+        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, rope_scaling=RopeScaling(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192),
+    ),
+    # meta-llama/Llama-3.1-70B: 70.55B, the same RoPE scaling.
+    "llama3.1_70b": ModelArgs(
+        dim=8192, num_layers=80, num_heads=64, num_kv_heads=8, vocab_size=128256, ffn_dim=28672,
+        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, rope_scaling=RopeScaling(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192),
+    ),
+    # meta-llama/Llama-3.2-1B: 1.24B. Tied embeddings; head_dim 64 (= 2048 / 32); RoPE scaling factor 32.
+    "llama3.2_1b": ModelArgs(
+        dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, vocab_size=128256, ffn_dim=8192,
+        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True, rope_scaling=RopeScaling(
+            factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192),
+    ),
+    # meta-llama/Llama-3.2-3B: 3.21B. Tied embeddings; head_dim 128 (= 3072 / 24); RoPE scaling factor 32.
+    "llama3.2_3b": ModelArgs(
+        dim=3072, num_layers=28, num_heads=24, num_kv_heads=8, vocab_size=128256, ffn_dim=8192,
+        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True, rope_scaling=RopeScaling(
+            factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192),
+    ),
+    # meta-llama/Llama-3.3-70B-Instruct: 70.55B, Llama-3.1-70B's config.json (shape, RoPE scaling, context).
+    "llama3.3_70b": ModelArgs(
+        dim=8192, num_layers=80, num_heads=64, num_kv_heads=8, vocab_size=128256, ffn_dim=28672,
+        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, rope_scaling=RopeScaling(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192),
+    ),
+    # mistralai/Mistral-7B-v0.1: 7.24B. Every layer attends to the last 4096 keys (config.json sliding_window);
+    # max_position_embeddings 32768.
+    "mistral_7b": ModelArgs(
+        dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, vocab_size=32000, ffn_dim=14336,
+        norm_eps=1e-5, rope_theta=10000.0, max_seq_len=32768, sliding_window=4096,
+    ),
     # internlm/internlm-7b: 7.32B; Llama layout with a bias on q, k, v and o.
     "internlm_7b": ModelArgs(
         dim=4096, num_layers=32, num_heads=32, num_kv_heads=32, vocab_size=103168, ffn_dim=11008,
@@ -71,6 +108,18 @@ MODELS: dict[str, ModelArgs] = {
     "qwen2.5_14b": ModelArgs(
         dim=5120, num_layers=48, num_heads=40, num_kv_heads=8, vocab_size=152064, ffn_dim=13824,
         norm_eps=1e-5, rope_theta=1000000.0, max_seq_len=131072, qkv_bias=True,
+    ),
+    # Qwen/Qwen3-8B: 8.19B. config.json: head_dim 128 (= 4096 / 32), per-head q/k RMSNorm, no attention bias,
+    # use_sliding_window false, max_position_embeddings 40960, untied.
+    "qwen3_8b": ModelArgs(
+        dim=4096, num_layers=36, num_heads=32, num_kv_heads=8, vocab_size=151936, ffn_dim=12288,
+        norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=40960, qk_norm=True,
+    ),
+    # Qwen/Qwen3-32B: 32.76B. config.json: head_dim 128, not 5120 / 64 = 80, so the attention is 8192 wide;
+    # per-head q/k RMSNorm, no attention bias, use_sliding_window false, max_position_embeddings 40960, untied.
+    "qwen3_32b": ModelArgs(
+        dim=5120, num_layers=64, num_heads=64, num_kv_heads=8, vocab_size=151936, ffn_dim=25600,
+        norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=40960, qk_norm=True, explicit_head_dim=128,
     ),
 }
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from torchtrain.config import HF_MODEL, Config, ConfigError
+from torchtrain.models.attention_choice import DEFAULT_BACKEND, capability_name, measured_choice, variant_of
 from torchtrain.models.hf import model_args_from_hf_config
 from torchtrain.models.llama import ModelArgs
 from torchtrain.models.registry import get_model_args
@@ -60,9 +61,12 @@ def model_args_for(config: Config, device: torch.device) -> ModelArgs:
 
 
 def auto_attention(device: torch.device, document_mask: bool, sliding_window: int) -> str:
-    """``model.attention = "auto"``: a backend others have proven on the device. On CUDA, PyTorch's SDPA
-    (flash / cuDNN) for plain causal attention and FlexAttention where documents or a window mask it; our
-    Triton kernels only by name until a GPU check has measured them correct and faster. SDPA elsewhere."""
-    if device.type == "cuda" and (document_mask or sliding_window):
-        return "flex"
-    return "sdpa"
+    """``model.attention = "auto"``: a backend proven on the device. On CUDA, PyTorch's SDPA (flash / cuDNN) for
+    plain causal attention and FlexAttention where documents or a window mask it, unless a recorded GPU check on
+    this compute capability measured our Triton kernels correct and faster (``models/attention_choice.py``).
+    SDPA elsewhere."""
+    if device.type != "cuda":
+        return "sdpa"
+    variant = variant_of(document_mask, sliding_window)
+    capability = capability_name(*torch.cuda.get_device_capability(device))
+    return measured_choice(capability, variant) or DEFAULT_BACKEND[variant]

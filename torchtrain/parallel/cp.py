@@ -179,15 +179,37 @@ def _block_mask(query_chunk: int, key_chunk: int, causal: bool) -> Optional[bool
     return key_chunk == query_chunk
 
 
-def _ring_blocks(cp: int, rank: int, step: int, causal: bool):
-    """The attention blocks of ``step``: ``(query half, key half, causal)`` for this rank's two query
-    chunks against the two key chunks it holds at that step (those of rank ``rank - step``)."""
+def _block_window(query_chunk: int, key_chunk: int, chunk: int, window: int) -> tuple[int, int]:
+    """A sliding window on a block of an earlier key chunk: ``(rows, block window)``, the first ``rows``
+    queries of the chunk (the later ones see no key of it; 0: skip the block) attended without the causal
+    mask to the whole key chunk with ``block window`` (0: none), bottom-right aligned as the kernels do.
+
+    NOTE: query ``i`` of the chunk sees key ``j`` when ``j > i + delta - window``, ``delta`` the distance of
+    the chunks in positions; the kernels' alignment puts query ``i`` of ``rows`` at key position
+    ``i + chunk - rows``, so the block window ``chunk - rows - delta + window`` (at least 1) says exactly that.
+    The diagonal block (``delta = 0``) is the square causal case with the model's window itself.
+    """
+    delta = (query_chunk - key_chunk) * chunk
+    if not window or delta == 0 or window >= delta + chunk:  # no window, or every pair within it
+        return chunk, window if delta == 0 else 0
+    rows = min(chunk, chunk - 1 - delta + window)
+    return max(rows, 0), chunk - rows - delta + window
+
+
+def _ring_blocks(cp: int, rank: int, step: int, causal: bool, chunk: int, window: int):
+    """The attention blocks of ``step``: ``(query half, key half, causal, rows, window)`` for this rank's two
+    query chunks against the two key chunks it holds at that step (those of rank ``rank - step``): the
+    block's first ``rows`` queries attend to the key chunk (the others see none of it; see
+    :func:`_block_window`)."""
     source = (rank - step) % cp
     for q_half, q_chunk in enumerate(chunk_indices(cp, rank)):
         for k_half, k_chunk in enumerate(chunk_indices(cp, source)):
             block_causal = _block_mask(q_chunk, k_chunk, causal)
-            if block_causal is not None:
-                yield q_half, k_half, block_causal
+            if block_causal is None:
+                continue
+            rows, block_window = _block_window(q_chunk, k_chunk, chunk, window)
+            if rows:
+                yield q_half, k_half, block_causal, rows, block_window
 
 
 def _ring_pass(tensors: list[Tensor], group: dist.ProcessGroup) -> tuple[list[Tensor], list]:
@@ -205,8 +227,22 @@ def _wait(requests: list) -> None:
         request.wait()
 
 
-def _half(t: Optional[Tensor], half: int, dim: int) -> Optional[Tensor]:
-    return None if t is None else t.narrow(dim, half * (t.shape[dim] // 2), t.shape[dim] // 2)
+def _half(t: Optional[Tensor], half: int, dim: int, rows: Optional[int] = None) -> Optional[Tensor]:
+    """Half ``half`` of ``t`` along ``dim`` (the rank's chunk), or its first ``rows`` entries."""
+    if t is None:
+        return None
+    size = t.shape[dim] // 2
+    return t.narrow(dim, half * size, size if rows is None else rows)
+
+
+def _pad_rows(out: Tensor, lse: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """A block's result over the first queries of a chunk, extended to all ``rows``: the others saw no key
+    (out 0, lse -inf, which :func:`merge_attention` merges as nothing)."""
+    missing = rows - out.shape[2]
+    if not missing:
+        return out, lse
+    return (torch.cat([out, out.new_zeros(*out.shape[:2], missing, out.shape[3])], dim=2),
+            torch.cat([lse, lse.new_full((*lse.shape[:2], missing), float("-inf"))], dim=2))
 
 
 # The backend whose blocks the ring computes when the model's gives no log-sum-exp or block backward
@@ -220,22 +256,23 @@ def ring_backend(backend: str) -> str:
 
 
 @torch.library.custom_op("torchtrain::ring_attention", mutates_args=())
-def _ring_attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Optional[Tensor], causal: bool, scale: float,
-                    group_name: str, backend: str) -> tuple[Tensor, Tensor]:
+def _ring_attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Optional[Tensor], causal: bool, window: int,
+                    scale: float, group_name: str, backend: str) -> tuple[Tensor, Tensor]:
     """This rank's ``(out, lse)``: its queries against every rank's keys, passed around the ring."""
     block_attention = BACKENDS[backend].fn
     group = dist.distributed_c10d._resolve_process_group(group_name)
     cp, rank = group.size(), group.rank()
+    chunk = q.shape[2] // 2
     merged: list[Optional[tuple[Tensor, Tensor]]] = [None, None]  # (out fp32, lse) per local query chunk
     held = [torch.stack([k, v])] + ([] if document_ids is None else [document_ids])  # those of rank - step
     for step in range(cp):
         # Overlap: the next share travels while this one is computed on.
         incoming, requests = _ring_pass(held, group) if step + 1 < cp else (None, [])
         kv, kv_ids = held[0], held[1] if len(held) > 1 else None
-        for q_half, k_half, block_causal in _ring_blocks(cp, rank, step, causal):
-            out, lse = block_attention(
-                _half(q, q_half, 2), _half(kv[0], k_half, 2), _half(kv[1], k_half, 2), block_causal,
-                _half(document_ids, q_half, 1), _half(kv_ids, k_half, 1), 0, scale)
+        for q_half, k_half, block_causal, rows, block_window in _ring_blocks(cp, rank, step, causal, chunk, window):
+            out, lse = _pad_rows(*block_attention(
+                _half(q, q_half, 2, rows), _half(kv[0], k_half, 2), _half(kv[1], k_half, 2), block_causal,
+                _half(document_ids, q_half, 1, rows), _half(kv_ids, k_half, 1), block_window, scale), chunk)
             merged[q_half] = ((out.float(), lse) if merged[q_half] is None
                               else merge_attention(*merged[q_half], out, lse))
         _wait(requests)
@@ -246,7 +283,7 @@ def _ring_attention(q: Tensor, k: Tensor, v: Tensor, document_ids: Optional[Tens
 
 
 @_ring_attention.register_fake
-def _(q, k, v, document_ids, causal, scale, group_name, backend):
+def _(q, k, v, document_ids, causal, window, scale, group_name, backend):
     batch, num_heads, seq_len, _ = q.shape
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(batch, num_heads, seq_len, dtype=torch.float32))
@@ -258,13 +295,14 @@ RING_OPS = (torch.ops.torchtrain.ring_attention.default,)
 
 @torch.library.custom_op("torchtrain::ring_attention_backward", mutates_args=())
 def _ring_attention_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                             lse: Tensor, document_ids: Optional[Tensor], causal: bool, scale: float,
+                             lse: Tensor, document_ids: Optional[Tensor], causal: bool, window: int, scale: float,
                              group_name: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`_ring_attention`: the keys and values go around the ring again, and
     with them the gradients of those keys and values, accumulated by every rank they pass."""
     block_backward = BACKENDS[backend].block_backward
     group = dist.distributed_c10d._resolve_process_group(group_name)
     cp, rank = group.size(), group.rank()
+    chunk = q.shape[2] // 2
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     held = [torch.stack([k, v])] + ([] if document_ids is None else [document_ids])
     arriving: Optional[tuple[list[Tensor], list]] = None  # d(K, V) of the held share from the ranks before
@@ -272,14 +310,15 @@ def _ring_attention_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k:
         incoming, requests = _ring_pass(held, group) if step + 1 < cp else (None, [])
         kv, kv_ids = held[0], held[1] if len(held) > 1 else None
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-        for q_half, k_half, block_causal in _ring_blocks(cp, rank, step, causal):
+        for q_half, k_half, block_causal, rows, block_window in _ring_blocks(cp, rank, step, causal, chunk, window):
             # NOTE: with the merged (global) out and lse every block's backward is exact:
             # P = exp(S - lse) is the global softmax restricted to the block, delta = rowsum(dO * O) - dlse.
             dq_block, dk_block, dv_block = block_backward(
-                _half(dout, q_half, 2), _half(dlse, q_half, 2), _half(q, q_half, 2), _half(kv[0], k_half, 2),
-                _half(kv[1], k_half, 2), _half(out, q_half, 2), _half(lse, q_half, 2),
-                _half(document_ids, q_half, 1), _half(kv_ids, k_half, 1), block_causal, 0, scale)
-            _half(dq, q_half, 2).add_(dq_block)
+                _half(dout, q_half, 2, rows), _half(dlse, q_half, 2, rows), _half(q, q_half, 2, rows),
+                _half(kv[0], k_half, 2), _half(kv[1], k_half, 2), _half(out, q_half, 2, rows),
+                _half(lse, q_half, 2, rows), _half(document_ids, q_half, 1, rows), _half(kv_ids, k_half, 1),
+                block_causal, block_window, scale)
+            _half(dq, q_half, 2, rows).add_(dq_block)
             _half(dkv[0], k_half, 2).add_(dk_block)
             _half(dkv[1], k_half, 2).add_(dv_block)
         if arriving is not None:
@@ -297,23 +336,23 @@ def _ring_attention_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k:
 
 
 @_ring_attention_backward.register_fake
-def _(dout, dlse, q, k, v, out, lse, document_ids, causal, scale, group_name, backend):
+def _(dout, dlse, q, k, v, out, lse, document_ids, causal, window, scale, group_name, backend):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _ring_setup_context(ctx, inputs, output):
-    q, k, v, document_ids, causal, scale, group_name, backend = inputs
+    q, k, v, document_ids, causal, window, scale, group_name, backend = inputs
     ctx.save_for_backward(q, k, v, *output, document_ids)
-    ctx.causal, ctx.scale, ctx.group_name, ctx.backend = causal, scale, group_name, backend
+    ctx.causal, ctx.window, ctx.scale, ctx.group_name, ctx.backend = causal, window, scale, group_name, backend
 
 
 def _ring_backward(ctx, dout, dlse):
     q, k, v, out, lse, document_ids = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _ring_attention_backward(dout, dlse, q, k, v, out, lse, document_ids, ctx.causal, ctx.scale,
-                                          ctx.group_name, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = _ring_attention_backward(dout, dlse, q, k, v, out, lse, document_ids, ctx.causal, ctx.window,
+                                          ctx.scale, ctx.group_name, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _ring_attention.register_autograd(_ring_backward, setup_context=_ring_setup_context)
@@ -343,9 +382,12 @@ class RingAttention:
 
     NOTE (backend): the blocks go through the model's attention backend where it declares a block
     backward (and so gives each block's log-sum-exp, which the merge needs), else through
-    :data:`RING_FALLBACK_BACKEND` (SDPA returns no log-sum-exp). A sliding window is not supported: a
-    block's window would need a query offset the kernels' bottom-right alignment cannot express
-    (``check_layout`` refuses the combination; ``cp_rotate = "allgather"`` supports it).
+    :data:`RING_FALLBACK_BACKEND` (SDPA returns no log-sum-exp).
+
+    NOTE (window): under a sliding window a block of an earlier key chunk is skipped when no query of the
+    chunk reaches it, and otherwise attends its first queries (those that reach it) without the causal
+    mask, with a window shifted to the chunks' distance (:func:`_block_window`): the kernels' bottom-right
+    alignment then places each query where it is in the sequence, so every block is one kernel call.
     """
 
     def __init__(self, cp_mesh: DeviceMesh):
@@ -354,15 +396,14 @@ class RingAttention:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, backend: str, causal: bool = True,
                  document_ids: Optional[Tensor] = None, window: int = 0, scale: Optional[float] = None) -> Tensor:
-        if window:
-            raise ValueError("ring attention does not support a sliding window; use parallelism.cp_rotate = "
-                             '"allgather"')
+        if window and not causal:
+            raise ValueError("ring attention supports a sliding window under the causal mask only")
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"ring attention expects this rank's share of one sequence for queries and keys alike, "
                              f"got {q.shape[2]} queries and {k.shape[2]} keys (a KV cache is not supported under "
                              "context parallelism)")
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        return torch.ops.torchtrain.ring_attention(q, k, v, document_ids, causal, scale, self.group_name,
+        return torch.ops.torchtrain.ring_attention(q, k, v, document_ids, causal, window, scale, self.group_name,
                                                    ring_backend(backend))[0]
 
 

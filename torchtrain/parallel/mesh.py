@@ -146,10 +146,6 @@ def _check_cp(dims: ParallelDims, config: Config, args: ModelArgs) -> None:
     """Context parallelism cuts each sequence into 2 * cp equal chunks (two per rank, load-balanced),
     and sequence parallelism then splits a rank's share tp ways."""
     source, seq_len = config.source, config.training.seq_len
-    if config.parallelism.cp_rotate == "ring" and args.sliding_window:
-        raise ConfigError(
-            f"{source}: parallelism.cp_rotate = 'ring' does not support the sliding-window attention of model "
-            f"{config.model.name!r} (window {args.sliding_window}); set parallelism.cp_rotate = 'allgather'")
     if seq_len % (2 * dims.cp):
         raise ConfigError(
             f"{source}: parallelism.cp = {dims.cp} is invalid with training.seq_len = {seq_len}: context "

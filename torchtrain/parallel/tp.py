@@ -125,6 +125,12 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             "attention.wk": colwise(),
             "attention.wv": colwise(),
             "attention.wo": rowwise(output_layouts=Shard(1), use_local_output=False),
+            # NOTE (Qwen3's q_norm / k_norm): each normalises one head of the rank's own heads, so its gain is
+            # replicated and its input is the local [B, S, heads / tp, D] q or k, sharded on the heads (dim 2).
+            # SequenceParallel is exactly that style on another dim: the gain's gradient comes out Partial (each
+            # rank's sum over its heads), summed over the ranks like the other norms' (FSDP or settle_gradients).
+            "attention.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
+            "attention.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
             "ffn_norm": SequenceParallel(),
             "feed_forward": prepare_input(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             "feed_forward.w1": colwise(),
@@ -135,7 +141,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         # so that in the backward the partial input-gradients of wq, wk and wv (w1 and w3) are summed
         # first and reduce-scattered once. With local inputs each projection's would be all-reduced
         # (counted with CommDebugMode: 3 all-reduces instead of 1 reduce-scatter per attention).
-        parallelize_module(block, tp_mesh, block_plan)
+        # (modules the model leaves out, as q_norm / k_norm outside Qwen3, are None: nothing to place)
+        parallelize_module(block, tp_mesh, {name: style for name, style in block_plan.items()
+                                            if _submodule(block, name) is not None})
 
     # NOTE: a parameter that no style placed (a new norm or bias) would stay a plain tensor on every rank,
     # receive a different gradient on each and drift apart: refuse it.
@@ -145,6 +153,12 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
                          "add their modules to the plan")
     logger.info("tensor parallel: tp=%d, sequence parallel, vocabulary-parallel output and loss "
                 "(%s, %d blocks)", tp, ", ".join(root_plan) or "no root modules", len(model.layers))
+
+
+def _submodule(module: nn.Module, name: str) -> nn.Module | None:
+    for part in name.split("."):
+        module = getattr(module, part, None)
+    return module
 
 
 def settle_gradients(params: list[torch.Tensor]) -> None:

@@ -52,7 +52,8 @@ def activation_bytes_per_token(args: ModelArgs, tp: int, ac_mode: str) -> float:
     only the block's input. Other modes are counted as half of the block's activations.
     """
     kv = args.num_kv_heads * args.head_dim
-    full = BF16 * (2 * args.dim + (5 * args.dim + 2 * kv + 4 * args.ffn_dim) / tp)
+    # (q, the attention output and its copy are num_heads * head_dim wide: dim, except where the head width is set)
+    full = BF16 * (2 * args.dim + (2 * args.dim + 3 * args.q_dim + 2 * kv + 4 * args.ffn_dim) / tp)
     if ac_mode == "none":
         return full
     if ac_mode == "full":
