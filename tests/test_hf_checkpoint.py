@@ -455,6 +455,30 @@ def test_hf_model_name_needs_a_readable_config_json(tmp_path):
     assert got == dataclasses.replace(args, max_seq_len=256, attention="sdpa")
 
 
+def test_export_defaults_and_family_choices(tmp_path, capsys):
+    """--family defaults to the family the run started from (model.name "hf"), else llama; --dtype to the recipe's
+    training dtype; an unknown family is one error line listing the choices."""
+    from torchtrain.export import default_dtype, default_family
+    from torchtrain.models.hf import export_families
+
+    recipe = REPO / "recipes/debug.toml"
+    for model_type, family in (("qwen2", "qwen2"), ("internlm", "llama"), ("internlm2", "internlm2"), ("qwen", "qwen")):
+        (tmp_path / model_type).mkdir()
+        (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
+        hf_run = load_config(recipe, ["--model.name", "hf", "--checkpoint.initial_load_path", str(tmp_path / model_type)])
+        assert default_family(hf_run) == family
+        registry_run = load_config(recipe, ["--checkpoint.initial_load_path", str(tmp_path / model_type)])
+        assert default_family(registry_run) == "llama"
+    assert default_dtype(load_config(recipe, [])) == "bfloat16"
+    assert default_dtype(load_config(recipe, ["--training.dtype", "float32"])) == "float32"
+    with pytest.raises(SystemExit):
+        export_main(["--config", str(recipe), "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x"),
+                     "--family", "gpt2"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: argument --family: invalid choice: 'gpt2'" in error
+    assert all(family in error for family in export_families())
+
+
 # name: (processes, samples per data-parallel rank for the single run's global batch of 4, recipe overrides)
 SHARDED_LAYOUTS = {
     "fsdp2": (2, 2, ["--parallelism.dp_shard", "2"]),
