@@ -115,6 +115,7 @@ def test_auto_picks_a_backend_proven_on_the_device(device, document_mask, window
     from torchtrain.models.shape import auto_attention
 
     monkeypatch.setattr(attention_choice, "GPU_CHECK_RECORD", tmp_path / "none.json")  # no recorded GPU check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert auto_attention(torch.device(device), document_mask, window) == expected
 
@@ -143,6 +144,7 @@ def test_auto_takes_triton_only_where_a_recorded_check_measured_it_correct_and_f
     path.write_text(json.dumps(record_choices(path, "sm_100", "NVIDIA B200", "abc1234",
                                               {v: ("triton", "test") for v in choices})))
     monkeypatch.setattr(attention_choice, "GPU_CHECK_RECORD", path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cuda = torch.device("cuda")
     for capability, expected in [((9, 0), ("sdpa", "triton", "flex")), ((10, 0), ("triton",) * 3),
                                  ((8, 0), ("sdpa", "flex", "flex"))]:  # sm_80: no record, the defaults

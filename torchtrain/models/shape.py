@@ -68,5 +68,7 @@ def auto_attention(device: torch.device, document_mask: bool, sliding_window: in
     if device.type != "cuda":
         return "sdpa"
     variant = variant_of(document_mask, sliding_window)
+    if not torch.cuda.is_available():  # planning a GPU run on a machine without one: no device to look up
+        return DEFAULT_BACKEND[variant]
     capability = capability_name(*torch.cuda.get_device_capability(device))
     return measured_choice(capability, variant) or DEFAULT_BACKEND[variant]
