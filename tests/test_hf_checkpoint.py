@@ -332,9 +332,13 @@ def test_initial_load_path_and_export_cli(tmp_path):
     export_hf(start.state_dict(), args, tmp_path / "start", "llama", tokenizer_path=load_tokenizer("default").path)
 
     # lr 1e-30: the one optimizer step leaves the weights unchanged in fp32, so the checkpoint holds `start`.
+    # Compiled and checkpointed blocks, as the default recipe runs them: their wrappers add to the parameters'
+    # names (aot_eager: the same wrapping as inductor's, without its code generation).
     overrides = tiny(tmp_path / "run", "--training.steps", "1", "--lr_scheduler.warmup_steps", "0",
                      "--optimizer.lr", "1e-30", "--training.val_every", "0", "--metrics.tensorboard", "false",
-                     "--checkpoint.initial_load_path", str(tmp_path / "start"), "--model.name", "hf")
+                     "--checkpoint.initial_load_path", str(tmp_path / "start"), "--model.name", "hf",
+                     "--compile.enabled", "true", "--compile.backend", "aot_eager",
+                     "--activation_checkpoint.mode", "full")
     config = load_config(REPO / "recipes/debug.toml", overrides)
     result = train(config)
     train_loader = build_data(config, args, 0, 1).train

@@ -156,6 +156,15 @@ def _check_shape(where: str, shape: tuple[int, ...], name: str, param: Tensor) -
         raise ValueError(f"{where} gives shape {tuple(shape)} for parameter {name!r} of shape {tuple(param.shape)}")
 
 
+# Modules that wrap a block and add their attribute to its parameters' names: torch.compile's and activation
+# checkpointing's. The whole model's names (what Hugging Face's are mapped to) are those without them.
+_WRAPPER_NAMES = ("_orig_mod", "_checkpoint_wrapped_module")
+
+
+def _model_name(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
+
+
 @torch.no_grad()
 def load_hf_weights(model: nn.Module, folder: str | Path, model_args: ModelArgs) -> None:
     """Copy the weights of the HF model folder ``folder`` into ``model``'s parameters.
@@ -187,6 +196,7 @@ def load_hf_weights(model: nn.Module, folder: str | Path, model_args: ModelArgs)
     plan: dict[str, dict[str, list[tuple[str, nn.Parameter, Optional[str]]]]] = {}
     missing = []
     for name, param in model.named_parameters():
+        name = _model_name(name)
         src = hf_source(name, scheme, model_args)
         if src.key not in files:
             missing.append(f"{src.key} (for {name})")
