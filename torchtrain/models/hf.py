@@ -18,8 +18,11 @@ a test dependency.
   Qwen3, Mistral and InternLM 1; ``qwen``: Qwen 1; ``internlm2``), picked from a folder's tensor
   names by ``scheme_of``;
   ``hf_source(name, scheme, args)`` is the checkpoint tensor (and the q/k/v part of a packed one)
-  holding our parameter ``name``, ``unpack_qkv`` cuts that part out. ``torchtrain.hf_checkpoint``
-  reads and writes the files with these tables.
+  holding our parameter ``name``, ``unpack_qkv`` cuts that part out and ``pack_qkv`` puts it back.
+  ``torchtrain.hf_checkpoint`` reads and writes the files with these tables.
+* ``export_config(args, family)``: ``hf_config`` for the transformers families, and the released
+  config fields of the remote-code ones (Qwen 1, InternLM2) an export can also write
+  (``export_families``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from torch import Tensor
 from torchtrain.models.llama import ModelArgs, RopeScaling
 
 __all__ = ["HF_ARCHITECTURES", "HF_MODEL_TYPES", "SCHEMES", "hf_config", "from_hf_state_dict", "to_hf_state_dict",
-           "model_args_from_hf_config", "hf_source", "scheme_of", "unpack_qkv"]
+           "model_args_from_hf_config", "hf_source", "scheme_of", "unpack_qkv",
+           "REMOTE_CODE_ARCHITECTURES", "export_families", "export_scheme", "export_family_of", "export_config",
+           "pack_qkv"]
 
 HF_ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",  # bias on q/k/v/o together or not at all (attention_bias)
@@ -357,9 +362,6 @@ def scheme_of(keys: set[str]) -> str:
 
 
 # ---- Export: the families a training checkpoint can be written as, and the inverse of unpack_qkv
-
-__all__ += ["REMOTE_CODE_ARCHITECTURES", "export_families", "export_scheme", "export_family_of", "export_config",
-            "pack_qkv"]
 
 # Families whose modeling code is not in transformers (``trust_remote_code``): their folders load with the
 # family's own code, next to the weights. Each is written in the naming scheme of the same name.
