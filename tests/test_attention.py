@@ -181,3 +181,18 @@ def test_flex_builds_one_block_mask_per_batch():
     out = BACKENDS["flex"].fn(q, k, v, True, ids, None, 0, None)[0]
     assert build(q, k, True, ids, None, 0) is not first
     torch.testing.assert_close(out, reference_attention(q, k, v, causal=True, document_ids=ids)[0])
+
+
+def test_flex_blocks_compile_whole_with_their_block_mask():
+    """On CUDA, auto's default for packed documents is flex inside compiled blocks: the block mask is built in
+    the block's graph, which must trace whole (fullgraph, as parallel/compile.py compiles blocks). Inductor's
+    CPU FlexAttention cannot return the log-sum-exp, so the graph runs through aot_eager here."""
+    model = Transformer(dataclasses.replace(get_model_args("debug"), attention="flex", num_layers=2, max_seq_len=128))
+    model.init_weights(seed=0)
+    tokens = torch.randint(0, 8192, (2, 128))
+    ids = torch.cat([torch.zeros(2, 50, dtype=torch.int32), torch.ones(2, 78, dtype=torch.int32)], 1)
+    with torch.no_grad():
+        eager = model(tokens, document_ids=ids)
+        for name, block in list(model.layers.named_children()):
+            model.layers.register_module(name, torch.compile(block, backend="aot_eager", fullgraph=True))
+        torch.testing.assert_close(model(tokens, document_ids=ids), eager, rtol=0, atol=0)
