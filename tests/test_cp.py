@@ -124,6 +124,38 @@ def test_merging_partial_attention_over_disjoint_keys_is_attention_over_all():
     torch.testing.assert_close(lse, expected_lse, rtol=1e-12, atol=1e-12)
 
 
+def test_a_block_backward_through_autograd_gives_the_gradients_of_attention_over_all_keys():
+    """The block backward the ring uses for a backend without one of its own (flex, on GPUs): each block's
+    forward recomputed and differentiated with the merge's weights, summed over blocks, is the gradient of
+    attention over all keys, the log-sum-exp's included. Checked here with the differentiable reference
+    forward (FlexAttention has no CPU backward): grouped-query heads, documents that leave rows without a key
+    in some blocks and one query row without any key."""
+    from torchtrain.models.attention import _autograd_block_backward, _reference
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 8, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 16, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    q_ids = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 9]] * 2)  # document 9 has no key
+    kv_ids = torch.tensor([[0] * 4 + [1] * 6 + [2] * 6] * 2)
+    dout = torch.randn(2, 4, 8, 16, generator=g, dtype=torch.float64)
+    dlse = torch.randn(2, 4, 8, generator=g, dtype=torch.float64)
+    out, lse = reference_attention(q, k, v, causal=False, document_ids=q_ids, kv_document_ids=kv_ids)
+    seen = torch.isfinite(lse)
+    loss = (out * dout).sum() + torch.where(seen, lse * dlse, 0.0).sum()
+    expected = torch.autograd.grad(loss, (q, k, v))
+
+    block_backward = _autograd_block_backward(_reference)
+    dq, dks, dvs = torch.zeros_like(q), [], []
+    for keys in (slice(0, 3), slice(3, 9), slice(9, 16)):  # blocks cut across documents
+        dq_b, dk_b, dv_b = block_backward(dout, torch.where(seen, dlse, 0.0), q, k[:, :, keys], v[:, :, keys],
+                                          out.detach(), lse.detach(), q_ids, kv_ids[:, keys], False, 0, None)
+        dq += dq_b
+        dks.append(dk_b)
+        dvs.append(dv_b)
+    for got, want in zip((dq, torch.cat(dks, 2), torch.cat(dvs, 2)), expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_a_ring_blocks_window_is_the_sequences_window():
     """Each (query chunk, earlier key chunk) block of the ring: its rows and shifted window, through the kernels'
     bottom-right-aligned mask, see exactly the keys the sequence's sliding window gives those queries."""

@@ -208,6 +208,36 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, causal: bool, document_ids: Optional[
     return out, aux.lse
 
 
+def _autograd_block_backward(fn: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """A block backward (``AttentionBackend.block_backward``) for a backend whose ``fn`` autograd can
+    differentiate, log-sum-exp included: the block's ``(out_b, lse_b)`` is recomputed and the gradients of the
+    final ``out`` and ``lse`` are carried back through the merge of the blocks,
+    ``out = sum_b w_b out_b``, ``lse = log sum_b exp(lse_b)``, ``w_b = exp(lse_b - lse)``:
+
+    * ``d out_b = w_b dout``;
+    * ``d lse_b = w_b (rowsum(dout * out_b) - rowsum(dout * out) + dlse)``.
+
+    NOTE: it recomputes the block's forward (the kernels' backward needs none), the price of a backend that
+    gives no backward of its own for a block.
+    """
+
+    def block_backward(dout, dlse, q, k, v, out, lse, document_ids, kv_document_ids, causal, window, scale):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out_b, lse_b = fn(*leaves, causal, document_ids, kv_document_ids, window, scale)
+            acc = torch.promote_types(out_b.dtype, torch.float32)  # at least fp32 for the weights and row sums
+            # Rows this block hides entirely (lse_b = -inf) take no part, also where every block hides them.
+            weight = torch.where(torch.isfinite(lse_b), torch.exp(lse_b.to(acc) - lse.to(acc)), 0.0)
+            dout_acc = dout.to(acc)
+            row_terms = (dout_acc * out_b.to(acc)).sum(-1) - (dout_acc * out.to(acc)).sum(-1)
+            dlse_b = weight * (row_terms + (dlse.to(acc) if dlse is not None else 0.0))
+            grads = torch.autograd.grad((out_b, lse_b), leaves, ((weight.unsqueeze(-1) * dout_acc).to(out_b.dtype),
+                                                                 dlse_b.to(lse_b.dtype)), allow_unused=True)
+        return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v)))
+
+    return block_backward
+
+
 def _keys_seen(q_shape, k_shape, window: int) -> tuple[int, ...]:
     """The key shape the kernels compute on: a window's keys at most per query (they skip the tiles outside it)."""
     return (*k_shape[:2], min(k_shape[2], window) if window > 0 else k_shape[2], k_shape[3])
@@ -245,8 +275,8 @@ BACKENDS: dict[str, AttentionBackend] = {
     "reference": AttentionBackend(_reference, frozenset(MASKS), block_backward=_reference_block_backward),
     # FlexAttention has no backward on CPU (torch 2.13): it validates forward parity there, trains on CUDA.
     # Its op is a higher-order operator; torch's selective checkpointing caches its outputs like an op's.
-    "flex": AttentionBackend(_flex, frozenset(MASKS), saved_ops=(torch.ops.higher_order.flex_attention,),
-                             trains_on=frozenset({"cuda"})),
+    "flex": AttentionBackend(_flex, frozenset(MASKS), block_backward=_autograd_block_backward(_flex),
+                             saved_ops=(torch.ops.higher_order.flex_attention,), trains_on=frozenset({"cuda"})),
     "triton": AttentionBackend(_triton, frozenset(MASKS), block_backward=torch.ops.torchtrain.flash_attention_backward,
                                saved_ops=(torch.ops.torchtrain.flash_attention.default,), flop_formulas={
         torch.ops.torchtrain.flash_attention: _flash_attention_flops,

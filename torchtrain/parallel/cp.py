@@ -53,7 +53,7 @@ from torchtrain.models.attention import BACKENDS, attention
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RING_FALLBACK_BACKEND", "RING_OPS", "ROTATE_METHODS", "ring_backend", "apply_cp", "chunk_indices", "shard_sequence", "unshard_sequence", "shard_batch",
+__all__ = ["RING_FALLBACK_BACKENDS", "RING_OPS", "ROTATE_METHODS", "ring_backend", "apply_cp", "chunk_indices", "shard_sequence", "unshard_sequence", "shard_batch",
            "batch_sharder", "ContextParallelAttention", "RingAttention", "merge_attention"]
 
 # How the keys and values reach every rank; the recipe's ``parallelism.cp_rotate``.
@@ -245,14 +245,18 @@ def _pad_rows(out: Tensor, lse: Tensor, rows: int) -> tuple[Tensor, Tensor]:
             torch.cat([lse, lse.new_full((*lse.shape[:2], missing), float("-inf"))], dim=2))
 
 
-# The backend whose blocks the ring computes when the model's gives no log-sum-exp or block backward
-# (SDPA): the attention op, Triton on GPU and its reference on CPU.
-RING_FALLBACK_BACKEND = "triton"
+# The backend whose blocks the ring computes, per device type, when the model's gives no log-sum-exp or block
+# backward (SDPA): FlexAttention on GPUs (proven there by others, like the SDPA it stands in for), the
+# attention op elsewhere (its pure-PyTorch path on a CPU; FlexAttention has no CPU backward).
+RING_FALLBACK_BACKENDS = {"cuda": "flex"}
+RING_FALLBACK_DEFAULT = "triton"
 
 
-def ring_backend(backend: str) -> str:
+def ring_backend(backend: str, device_type: str) -> str:
     """The attention backend the ring runs its blocks with: the model's, where it declares a block backward."""
-    return backend if BACKENDS[backend].block_backward is not None else RING_FALLBACK_BACKEND
+    if BACKENDS[backend].block_backward is not None:
+        return backend
+    return RING_FALLBACK_BACKENDS.get(device_type, RING_FALLBACK_DEFAULT)
 
 
 @torch.library.custom_op("torchtrain::ring_attention", mutates_args=())
@@ -382,7 +386,7 @@ class RingAttention:
 
     NOTE (backend): the blocks go through the model's attention backend where it declares a block
     backward (and so gives each block's log-sum-exp, which the merge needs), else through
-    :data:`RING_FALLBACK_BACKEND` (SDPA returns no log-sum-exp).
+    :data:`RING_FALLBACK_BACKENDS` (SDPA returns no log-sum-exp).
 
     NOTE (window): under a sliding window a block of an earlier key chunk is skipped when no query of the
     chunk reaches it, and otherwise attends its first queries (those that reach it) without the causal
@@ -404,7 +408,7 @@ class RingAttention:
                              "context parallelism)")
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         return torch.ops.torchtrain.ring_attention(q, k, v, document_ids, causal, window, scale, self.group_name,
-                                                   ring_backend(backend))[0]
+                                                   ring_backend(backend, q.device.type))[0]
 
 
 def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, rotate: str = "allgather") -> None:
