@@ -15,6 +15,7 @@ documents, the training default), ``window`` (causal + sliding window, with or w
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -39,11 +40,11 @@ def variant_of(document_mask: bool, sliding_window: int) -> str:
 
 def kernels_fingerprint() -> str:
     """A hash of our attention kernels' source: a measurement holds only for the kernels it ran."""
-    from torchtrain.kernels.attention import op, triton_kernels
-
+    # NOTE: the files are found, not imported: importing the kernels imports triton, whose interpreter setting
+    # is fixed by the first import (and this is only bookkeeping).
     digest = hashlib.sha256()
-    for module in (triton_kernels, op):
-        digest.update(Path(module.__file__).read_bytes())
+    for module in ("triton_kernels", "op"):
+        digest.update(Path(importlib.util.find_spec(f"torchtrain.kernels.attention.{module}").origin).read_bytes())
     return digest.hexdigest()[:16]
 
 
