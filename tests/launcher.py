@@ -57,7 +57,9 @@ def torchrun_nodes(nnodes: int, nproc: int, script: str | Path, *args: str, time
 
 def worker_env() -> dict[str, str]:
     """The environment of a test's torchrun: one thread per process, this checkout importable, our warnings fatal."""
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS=warnings_as_errors())
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS=warnings_as_errors())
+    env.pop("TRITON_INTERPRET", None)  # workers run the trainer's own CPU path, whatever the caller's shell set
+    return env
 
 
 def torchrun_command(nproc: int, script: str | Path, args, launch) -> list[str]:

@@ -14,25 +14,36 @@ are skipped and :func:`test_in_a_fresh_interpreter_process` runs this file in a 
 
 import os
 
+_interpret_before = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: see the NOTE above
+try:
+    import dataclasses  # noqa: E402
+    import subprocess  # noqa: E402
+    import sys  # noqa: E402
 
-import dataclasses  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+    import pytest  # noqa: E402
+    import torch  # noqa: E402
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+    triton = pytest.importorskip("triton")
 
-triton = pytest.importorskip("triton")
+    from triton.runtime.jit import JITFunction  # noqa: E402
 
-from triton.runtime.jit import JITFunction  # noqa: E402
+    from torchtrain.kernels.attention import flash_attention, op, reference_attention  # noqa: E402
+    from torchtrain.kernels.attention.reference import reference_attention_backward  # noqa: E402
 
-from torchtrain.kernels.attention import flash_attention, op, reference_attention  # noqa: E402
-from torchtrain.kernels.attention.reference import reference_attention_backward  # noqa: E402
+    IN_PROCESS = not isinstance(triton.language.zeros, JITFunction)  # triton was imported for the interpreter
+    if IN_PROCESS:
+        assert op.kernels_module().INTERPRET and op.uses_kernels(torch.device("cpu")), "kernels not interpreted"
+finally:
+    # The variable has done its work (triton and our kernels are decorated). Left set, it would reach
+    # every later test and every worker they launch, which would then run the interpreted kernels
+    # where the trainer's CPU path is the reference: ten times slower, and a path that depends on
+    # which test modules were collected first.
+    if _interpret_before is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _interpret_before
 
-IN_PROCESS = not isinstance(triton.language.zeros, JITFunction)  # triton was imported for the interpreter
-if IN_PROCESS:
-    assert op.kernels_module().INTERPRET and op.uses_kernels(torch.device("cpu")), "kernels not interpreted"
 in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported compiled before TRITON_INTERPRET "
                                 "was set: covered by test_in_a_fresh_interpreter_process")
 
