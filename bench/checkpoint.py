@@ -520,29 +520,45 @@ def _print_hf(report: dict) -> None:
               f"{', '.join(f'{x:.0f}' for x in i['overhead_mb'])} MB")
 
 
-def hf_main(a: argparse.Namespace, argv: list[str] | None) -> None:
-    import torch
+def command_line(argv: list[str] | None) -> str:
+    """The command that ran this benchmark, as recorded beside its figures."""
+    return "python " + " ".join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
 
-    command = "python " + " ".join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
+
+def measure_in_folder(a: argparse.Namespace, prefix: str, measure) -> tuple[dict, float, str]:
+    """``measure(a)`` writing under ``a.folder`` (default: a temporary folder under outputs/, removed
+    afterwards): its results, its wall time in seconds and the folder's filesystem."""
     own_folder = a.folder is None
     if own_folder:
         (REPO / "outputs").mkdir(exist_ok=True)
-        a.folder = Path(tempfile.mkdtemp(prefix="bench-checkpoint-hf-", dir=REPO / "outputs"))
+        a.folder = Path(tempfile.mkdtemp(prefix=prefix, dir=REPO / "outputs"))
     a.folder.mkdir(parents=True, exist_ok=True)
     try:
         started = time.perf_counter()
-        results = hf_run(a)
+        results = measure(a)
         wall = time.perf_counter() - started
         filesystem = _filesystem(a.folder)
     finally:
         if own_folder:
             shutil.rmtree(a.folder, ignore_errors=True)
+    return results, wall, filesystem
+
+
+def machine(filesystem: str) -> dict:
+    """What the figures depend on: CPU, memory, the written folder's filesystem, Python."""
+    return {"cpu": cpu_name(), "cpus": os.cpu_count(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+            "filesystem": filesystem, "python": platform.python_version()}
+
+
+def hf_main(a: argparse.Namespace, argv: list[str] | None) -> None:
+    import torch
+
+    results, wall, filesystem = measure_in_folder(a, "bench-checkpoint-hf-", hf_run)
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command, "commit": commit(), "dirty": tree_dirty(),
-        "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(),
-                    "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
-                    "filesystem": filesystem, "python": platform.python_version(), "torch": torch.__version__},
+        "command": command_line(argv), "commit": commit(), "dirty": tree_dirty(),
+        "machine": {**machine(filesystem), "torch": torch.__version__},
         "options": {"params_billion": None if a.quick else a.params_billion, "quick": a.quick,
                     "max_shard_mb": a.max_shard_mb},
         "wall_s": wall,
@@ -585,30 +601,16 @@ def main(argv: list[str] | None = None) -> None:
         return hf_main(a, argv)
     if a.quick:
         a.model, a.repeats, a.steps, a.seq_len = a.model or "debug", 1, 1, 128
-    command = "python " + " ".join([os.path.relpath(__file__, REPO), *(sys.argv[1:] if argv is None else argv)])
     own_folder = a.folder is None
-    if own_folder:
-        (REPO / "outputs").mkdir(exist_ok=True)
-        a.folder = Path(tempfile.mkdtemp(prefix="bench-checkpoint-", dir=REPO / "outputs"))
-    a.folder.mkdir(parents=True, exist_ok=True)
-    try:
-        started = time.perf_counter()
-        results = run(a)
-        wall = time.perf_counter() - started
-        filesystem = _filesystem(a.folder)
-    finally:
-        if own_folder:
-            shutil.rmtree(a.folder, ignore_errors=True)
+    results, wall, filesystem = measure_in_folder(a, "bench-checkpoint-", run)
     import torch
 
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
+        "command": command_line(argv),
         "commit": commit(),
         "dirty": tree_dirty(),
-        "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "threads": results["threads"],
-                    "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
-                    "filesystem": filesystem, "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {**machine(filesystem), "threads": results["threads"], "torch": torch.__version__},
         "options": {"repeats": a.repeats, "steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size,
                     "params_billion": None if a.model else a.params_billion, "model": a.model,
                     "step_time": a.step_time, "folder": "temporary under outputs/" if own_folder else str(a.folder)},

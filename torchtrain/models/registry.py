@@ -15,6 +15,17 @@ from torchtrain.models.llama import ModelArgs, RopeScaling
 
 __all__ = ["MODELS", "get_model_args"]
 
+# Llama 3.1's RoPE scaling ("rope_type": "llama3" in config.json) that stretches the 8192-token context of
+# Llama 3 to 131072; Llama 3.2's small models use it with factor 32.
+LLAMA3_1_ROPE_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+LLAMA3_2_ROPE_SCALING = dataclasses.replace(LLAMA3_1_ROPE_SCALING, factor=32.0)
+
+# meta-llama/Llama-3.1-70B: 70.55B, Llama 3 70B's shape with the RoPE scaling. Llama-3.3-70B has the same config.
+_LLAMA3_1_70B = ModelArgs(
+    dim=8192, num_layers=80, num_heads=64, num_kv_heads=8, vocab_size=128256, ffn_dim=28672,
+    norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, rope_scaling=LLAMA3_1_ROPE_SCALING,
+)
+
 MODELS: dict[str, ModelArgs] = {
     # 7.0M parameters (4.9M without the embedding table): unit tests and CPU smoke runs.
     "debug": ModelArgs(
@@ -51,37 +62,27 @@ MODELS: dict[str, ModelArgs] = {
         dim=8192, num_layers=80, num_heads=64, num_kv_heads=8, vocab_size=128256, ffn_dim=28672,
         norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192,
     ),
-    # meta-llama/Llama-3.1-8B: 8.03B; Llama 3's shape with the RoPE scaling ("rope_type": "llama3", factor 8,
-    # low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192) that stretches it to 131072.
+    # meta-llama/Llama-3.1-8B: 8.03B; Llama 3's shape with the RoPE scaling (factor 8, low_freq_factor 1,
+    # high_freq_factor 4, original_max_position_embeddings 8192).
     "llama3.1_8b": ModelArgs(
         dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, vocab_size=128256, ffn_dim=14336,
-        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, rope_scaling=RopeScaling(
-            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192),
+        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, rope_scaling=LLAMA3_1_ROPE_SCALING,
     ),
-    # meta-llama/Llama-3.1-70B: 70.55B, the same RoPE scaling.
-    "llama3.1_70b": ModelArgs(
-        dim=8192, num_layers=80, num_heads=64, num_kv_heads=8, vocab_size=128256, ffn_dim=28672,
-        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, rope_scaling=RopeScaling(
-            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192),
-    ),
+    "llama3.1_70b": _LLAMA3_1_70B,
     # meta-llama/Llama-3.2-1B: 1.24B. Tied embeddings; head_dim 64 (= 2048 / 32); RoPE scaling factor 32.
     "llama3.2_1b": ModelArgs(
         dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, vocab_size=128256, ffn_dim=8192,
-        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True, rope_scaling=RopeScaling(
-            factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192),
+        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True,
+        rope_scaling=LLAMA3_2_ROPE_SCALING,
     ),
     # meta-llama/Llama-3.2-3B: 3.21B. Tied embeddings; head_dim 128 (= 3072 / 24); RoPE scaling factor 32.
     "llama3.2_3b": ModelArgs(
         dim=3072, num_layers=28, num_heads=24, num_kv_heads=8, vocab_size=128256, ffn_dim=8192,
-        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True, rope_scaling=RopeScaling(
-            factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192),
+        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True,
+        rope_scaling=LLAMA3_2_ROPE_SCALING,
     ),
     # meta-llama/Llama-3.3-70B-Instruct: 70.55B, Llama-3.1-70B's config.json (shape, RoPE scaling, context).
-    "llama3.3_70b": ModelArgs(
-        dim=8192, num_layers=80, num_heads=64, num_kv_heads=8, vocab_size=128256, ffn_dim=28672,
-        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, rope_scaling=RopeScaling(
-            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192),
-    ),
+    "llama3.3_70b": _LLAMA3_1_70B,
     # mistralai/Mistral-7B-v0.1: 7.24B. Every layer attends to the last 4096 keys (config.json sliding_window);
     # max_position_embeddings 32768.
     "mistral_7b": ModelArgs(
