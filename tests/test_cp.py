@@ -179,7 +179,7 @@ def test_a_ring_blocks_window_is_the_sequences_window():
 
 
 CP2_CASES = ("causal", "docs", "mha_docs", "op_docs", "window_docs", "compile", "ring_causal", "ring_docs",
-             "ring_compile", "ring_reference_docs")
+             "ring_compile", "ring_reference_docs", "ring_qk_norm_docs")
 CP4_CASES = ("causal", "docs", "window_docs", "fsdp", "tp", "ring_causal", "ring_docs", "ring_window_docs",
              "ring_fsdp")  # cp 2 x (dp 2 | tp 2) and cp 4
 

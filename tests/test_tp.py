@@ -9,7 +9,7 @@ import pytest
 
 from launcher import REPO, run_cases
 
-CASES = ("validate", "loss", "eager", "docs", "tied", "qk_norm", "stages", "ac", "compile", "ac_compile", "fsdp")
+CASES = ("validate", "loss", "eager", "docs", "tied", "qk_norm", "window", "stages", "ac", "compile", "ac_compile", "fsdp")
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,13 @@ runs it on the whole batch; the context-parallel model runs each rank's load-bal
   documents through the ``torchtrain::flash_attention`` op ("triton" backend; its CPU path);
 * ``window_docs``: ``docs`` with a sliding window of 7 keys, which reaches back over chunk boundaries
   (the all-gather leaves out the keys before each chunk's windows);
+* ``qk_norm_docs``: ``docs`` with Qwen3's attention (per-head q/k norms, heads wider than dim / heads);
 * ``compile``: ``docs`` with every block compiled (fullgraph, aot_eager): the all-gathers trace;
 * ``fsdp`` (4 ranks: dp_shard 2 x cp 2) and ``tp`` (4 ranks: tp 2 x cp 2): the trainer's own
   ``build_mesh`` + ``parallelize`` + ``init_weights``, so FSDP shards over dp_shard x cp and sums the
   cp ranks' gradients itself; the data-parallel ranks read different samples;
 * ``ring_CASE`` (``ring_causal``, ``ring_docs``, ``ring_compile``, ``ring_fsdp``, ``ring_reference_docs``,
+  ``ring_qk_norm_docs``,
   ``ring_window_docs``: at cp 4, chunks of 4 tokens, the window of 7 reaches the previous chunk whole, the
   one before it in part, and the one before that not at all):
   CASE with ``cp_rotate = "ring"``, the keys and values passed around the ring instead of all-gathered
@@ -66,6 +68,8 @@ def model_args(case: str):
         overrides["attention"] = "reference"
     if case == "window_docs":
         overrides["sliding_window"] = 7
+    if case == "qk_norm_docs":  # Qwen3: per-head q/k norms, heads wider than dim / heads (8 x 32 on a 128 model)
+        overrides.update(qk_norm=True, explicit_head_dim=32)
     return dataclasses.replace(get_model_args("debug"), **overrides)
 
 

@@ -135,6 +135,8 @@ def model_args(case: str = ""):
         overrides.update(tie_embeddings=True, qkv_bias=True, out_bias=True)
     if case == "qk_norm":  # Qwen3's per-head q/k norms (on the head-sharded q and k), heads wider than dim / heads
         overrides.update(qk_norm=True, explicit_head_dim=32)
+    if case == "window":  # Mistral's sliding window (7 keys of 32), each rank's heads masked alike
+        overrides["sliding_window"] = 7
     return dataclasses.replace(get_model_args("debug"), **overrides)
 
 
