@@ -151,9 +151,17 @@ def test_auto_takes_triton_only_where_a_recorded_check_measured_it_correct_and_f
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         got = tuple(auto_attention(cuda, documents, window) for documents, window in [(False, 0), (True, 0), (True, 8)])
         assert got == expected, capability
-    # A record of other kernels (the source changed since it was measured) is not believed.
-    monkeypatch.setattr(attention_choice, "kernels_fingerprint", lambda: "0" * 16)
+    # Neither is a record made under another PyTorch release (other SDPA, Flex and Triton) ...
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    assert attention_choice.torch_release() == "2.11" and auto_attention(cuda, True, 0) == "flex"
+    monkeypatch.undo()
+    monkeypatch.setattr(attention_choice, "GPU_CHECK_RECORD", path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert auto_attention(cuda, True, 0) == "triton"
+    # ... nor a record of other kernels (the source changed since it was measured).
+    monkeypatch.setattr(attention_choice, "kernels_fingerprint", lambda: "0" * 16)
     assert auto_attention(cuda, True, 0) == "flex"
 
 

@@ -6,7 +6,8 @@ causal attention and FlexAttention where packed documents or a sliding window ma
 on a GPU of the same compute capability, measured them correct in bf16 and faster than the default at every
 sequence length it timed. ``bench/gpu_check.sh`` writes that record (:data:`GPU_CHECK_RECORD`, through
 :func:`record_choices`); without it, or for another capability, or after the kernels changed (their
-fingerprint differs), ``auto`` keeps the default.
+fingerprint differs), or under another PyTorch release (it brings SDPA's and Flex's kernels and the Triton
+that compiles ours, so the comparison may come out otherwise), ``auto`` keeps the default.
 
 The mask variants, as the model calls attention: ``causal`` (plain), ``documents`` (causal + packed
 documents, the training default), ``window`` (causal + sliding window, with or without documents).
@@ -23,8 +24,8 @@ from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GPU_CHECK_RECORD", "VARIANTS", "DEFAULT_BACKEND", "variant_of", "kernels_fingerprint", "decide",
-           "record_choices", "measured_choice"]
+__all__ = ["GPU_CHECK_RECORD", "VARIANTS", "DEFAULT_BACKEND", "variant_of", "kernels_fingerprint", "torch_release",
+           "decide", "record_choices", "measured_choice"]
 
 GPU_CHECK_RECORD = Path(__file__).resolve().parents[2] / "bench" / "results" / "gpu_check.json"
 VARIANTS = ("causal", "documents", "window")
@@ -46,6 +47,13 @@ def kernels_fingerprint() -> str:
     for module in ("triton_kernels", "op"):
         digest.update(Path(importlib.util.find_spec(f"torchtrain.kernels.attention.{module}").origin).read_bytes())
     return digest.hexdigest()[:16]
+
+
+def torch_release() -> str:
+    """The running PyTorch's release, ``major.minor`` (``2.13.0+cu130`` -> ``2.13``)."""
+    import torch
+
+    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
 
 
 def decide(variant: str, correct: dict[str, bool], fwd_bwd_ms: dict[str, dict[int, float]]) -> tuple[str, str]:
@@ -89,7 +97,7 @@ def record_choices(path: Path, capability: str, device_name: str, commit: str,
             record = {}
     entries = record.setdefault("attention_choice", {})
     entries[capability] = {"device": device_name, "commit": commit, "kernels": kernels_fingerprint(),
-                           "variants": {v: {"backend": b, "why": why} for v, (b, why) in choices.items()}}
+                           "torch": torch_release(), "variants": {v: {"backend": b, "why": why} for v, (b, why) in choices.items()}}
     return record
 
 
@@ -109,6 +117,10 @@ def measured_choice(capability: str, variant: str, path: Optional[Path] = None) 
     if entry.get("kernels") != kernels_fingerprint():
         logger.info("attention auto: %s measured other kernels (%s, commit %s); using the default backends",
                     path, entry.get("kernels"), entry.get("commit"))
+        return None
+    if entry.get("torch") != torch_release():
+        logger.info("attention auto: %s was measured under torch %s, this is %s; using the default backends",
+                    path, entry.get("torch"), torch_release())
         return None
     choice = entry["variants"][variant]
     logger.info("attention auto: %s for %s attention on %s (%s, measured at commit %s)", choice["backend"],
