@@ -101,6 +101,19 @@ def test_transformers_and_its_dependencies_import_beside_torchtrain(cwd, tmp_pat
         assert "kernels" in checked  # Hugging Face's "kernels": the name our kernels/ folder must not take
 
 
+# Needed only by some runs: a data format's reader, float8, TensorBoard, Hugging Face's libraries.
+ON_USE = ("zstandard", "pyarrow", "datasets", "torchao", "tensorboard", "transformers")
+
+
+def test_packages_only_some_runs_need_are_imported_on_use():
+    """The commands start in an environment without them (a PyTorch image with only its own packages):
+    importing them is left to the code that needs them."""
+    blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in ON_USE)  # None: any import of it fails
+    code = f"import sys; {blocked}; " + "; ".join(f"import {m}" for m in COMMANDS)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_pyproject_ranges_admit_the_pins_and_every_dependency_is_pinned():
     pinned = pins()
     assert pinned["torch"] == "2.13.0"

@@ -46,6 +46,7 @@ import json
 import logging
 import lzma
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 from functools import cached_property
@@ -53,7 +54,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import zstandard
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +64,16 @@ RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")  # one document per record, it
 
 
 def _zstd_open(path: Path, mode: str = "rb"):
+    import zstandard  # on first use: only .zst sources need it (a trainer that reads none runs without it)
+
     # NOTE: buffered, so that a reader can peek at the first bytes (the binary check) and read lines.
     return io.BufferedReader(zstandard.open(path, mode))
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged or mislabelled compressed file raises (zstandard's error once it is in use)."""
+    zstd = sys.modules.get("zstandard")
+    return (OSError, EOFError, lzma.LZMAError, *((zstd.ZstdError,) if zstd is not None else ()))
 
 
 DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": _zstd_open, ".zstd": _zstd_open}
@@ -302,7 +310,7 @@ def _opened(path: Path, opener) -> Iterator:
             if b"\0" in f.peek(8192)[:8192]:  # every opener here buffers; peek reads nothing twice
                 raise ValueError(f"{path} holds binary data (a NUL byte in its first 8 KiB), not text")
             yield f
-    except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as e:  # a damaged or mislabelled compressed file
+    except _read_errors() as e:  # a damaged or mislabelled compressed file
         kind = "text" if opener is open else "zstd-compressed text" if opener is _zstd_open else \
             f"{opener.__module__}-compressed text"
         raise ValueError(f"{path} could not be read as {kind} ({e})") from None

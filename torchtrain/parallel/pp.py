@@ -47,7 +47,6 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
     ScheduleZBVZeroBubble,
 )
-from torch.distributed.pipelining._utils import _make_tensor_from_meta
 from torch.distributed.pipelining.schedules import (
     BACKWARD_INPUT,
     BACKWARD_WEIGHT,
@@ -532,7 +531,8 @@ class InFlightBuffersStage(PipelineStage):
     def _allocate(self, infos) -> None:
         for info in infos:
             if not info.is_root_arg and info.buffer is None and info.tensor_meta is not None:
-                info.buffer = _make_tensor_from_meta(info.tensor_meta, self.device)
+                meta = info.tensor_meta  # the layout the sending stage announced, strides included
+                info.buffer = torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype, device=self.device)
 
 
 def _drop_buffers(infos) -> None:
