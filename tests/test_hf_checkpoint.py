@@ -522,14 +522,20 @@ def hf_start(tmp_path_factory):
 def test_import_into_sharded_layouts_trains_like_one_process(tmp_path, hf_start, name):
     """Each rank fills only its shards (FSDP x TP DTensors) or its stage's blocks (PP) from a sharded HF folder:
     the losses and gradient norms of the first steps equal the single-process run's. Under FSDP (x TP) each rank
-    reads only its own block of each tensor from the files, and the ranks' blocks cover every tensor."""
+    reads only its own block of each tensor from the files, and the ranks' blocks cover every tensor; under PP
+    each stage reads its own tensors whole."""
     start, single = hf_start
     nproc, local_batch_size, layout = SHARDED_LAYOUTS[name]
     sharded = _train_losses(tmp_path, name, start, nproc, local_batch_size, *layout, reads=tmp_path / "reads")
     for step in single["losses"]:
         assert sharded["losses"][step] == pytest.approx(single["losses"][step], rel=2e-5), step
         assert sharded["grad_norms"][step] == pytest.approx(single["grad_norms"][step], rel=5e-4), step
-    if name == "pp2":
+    if name == "pp2":  # each stage reads whole tensors, of its own blocks only: every tensor is read once
+        stages = [json.loads((tmp_path / "reads" / f"rank{rank}.json").read_text()) for rank in range(nproc)]
+        assert all(list(shape) == list(full) for reads in stages for _, shape, full in reads)
+        keys = [{key for key, _, _ in reads} for reads in stages]
+        assert not keys[0] & keys[1] and keys[0] | keys[1] == set(hf_weight_files(start)), keys
+        assert "model.embed_tokens.weight" in keys[0] and "lm_head.weight" in keys[1]
         return
     read_numel: dict[str, int] = {}
     full_numel: dict[str, int] = {}
