@@ -381,9 +381,13 @@ def test_initial_load_path_and_export_cli(tmp_path):
     for name in files:
         assert (tmp_path / "bf16_2" / name).read_bytes() == (tmp_path / "bf16" / name).read_bytes(), name
 
-    # Mistakes end in one error line naming the file or the choices.
+    # Mistakes end in one error line naming the file or the choices (under torchrun too: rank 0 says it).
     with pytest.raises(SystemExit, match=r"^error: .*nothing is not a checkpoint folder"):
         export_main([*cli, "--out", str(tmp_path / "x"), "--checkpoint", str(tmp_path / "nothing")])
+    proc = torchrun(2, "torchtrain.export", *cli, "--out", tmp_path / "x", "--checkpoint", tmp_path / "nothing",
+                    launch=("--standalone", "--module"), check=False)
+    assert proc.returncode != 0 and proc.stderr.count("error: ") == 1, proc.stderr[-3000:]
+    assert "nothing is not a checkpoint folder" in proc.stderr
     with pytest.raises(SystemExit, match=r"^error: family .qwen. \(Qwen 1\) has as many key/value heads.*num_kv_heads="):
         export_main([*cli, "--out", str(tmp_path / "x"), "--family", "qwen"])
 

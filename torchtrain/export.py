@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                           EXPORT_DTYPES[args.dtype or default_dtype(config)], tokenizer_path=tokenizer,
                           max_shard_bytes=int(args.max_shard_mb * 1e6))
     except (ConfigError, ValueError, OSError) as e:  # OSError: an unreadable checkpoint or unwritable --out, named
-        sys.exit(f"error: {e}")
+        # Under torchrun every rank meets the same mistake (the ranks' own problems are gathered): rank 0 says it.
+        sys.exit(f"error: {e}" if int(os.environ.get("RANK", "0")) == 0 else 1)
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
