@@ -6,6 +6,7 @@ Tiny random fp32 models on the CPU; nothing is downloaded.
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -388,6 +389,17 @@ def test_initial_load_path_and_export_cli(tmp_path):
                     launch=("--standalone", "--module"), check=False)
     assert proc.returncode != 0 and proc.stderr.count("error: ") == 1, proc.stderr[-3000:]
     assert "nothing is not a checkpoint folder" in proc.stderr
+    # A damaged checkpoint file, found by whichever rank verifies it: said once, and no loadable folder is left.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint, damaged)
+    data = max(damaged.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(raw)
+    proc = torchrun(2, "torchtrain.export", *cli, "--out", tmp_path / "y", "--checkpoint", damaged,
+                    launch=("--standalone", "--module"), check=False)
+    assert proc.returncode != 0 and proc.stderr.count("error: ") == 1 and data.name in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "y" / "config.json").exists()
     with pytest.raises(SystemExit, match=r"^error: family .qwen. \(Qwen 1\) has as many key/value heads.*num_kv_heads="):
         export_main([*cli, "--out", str(tmp_path / "x"), "--family", "qwen"])
 
