@@ -97,10 +97,10 @@ else
     # Single-GPU training MFU and peak memory (1B and 8B shapes, 2k/8k/32k, bf16 and float8) beside
     # the planner's predicted peak; runs that do not start within the budget are recorded as skipped.
     train_s=$(( DEADLINE_S - (SECONDS - START) - 15 ))  # 15 s for the summary
-    train_s=$(( train_s > 190 ? 190 : train_s ))
+    train_s=$(( train_s > 190 ? 190 : train_s < 1 ? 1 : train_s ))
     # No run starts after its budget (50 s before the step's end: a run's compile and steps); none at all
     # when the steps before used the time.
-    step train_mfu "$(( train_s > 0 ? train_s : 1 ))" "$PY" bench/gpu_train.py --budget-s "$(( train_s > 50 ? train_s - 50 : 0 ))" \
+    step train_mfu "$train_s" "$PY" bench/gpu_train.py --budget-s "$(( train_s > 50 ? train_s - 50 : 0 ))" \
         --run-timeout-s 100 --out "$RESULTS/gpu_train.json"
 fi
 "$PY" bench/gpu_summary.py "$RESULTS" $( [ "$DRY" = 1 ] && echo --dry-run )

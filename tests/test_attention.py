@@ -153,12 +153,10 @@ def test_auto_takes_triton_only_where_a_recorded_check_measured_it_correct_and_f
         assert got == expected, capability
     # Neither is a record made under another PyTorch release (other SDPA, Flex and Triton) ...
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    running = torch.__version__
     monkeypatch.setattr(torch, "__version__", "1.13.1+cu117")
     assert attention_choice.torch_release() == "1.13" and auto_attention(cuda, True, 0) == "flex"
-    monkeypatch.undo()
-    monkeypatch.setattr(attention_choice, "GPU_CHECK_RECORD", path)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    monkeypatch.setattr(torch, "__version__", running)
     assert auto_attention(cuda, True, 0) == "triton"
     # ... nor a record of other kernels (the source changed since it was measured).
     monkeypatch.setattr(attention_choice, "kernels_fingerprint", lambda: "0" * 16)

@@ -97,7 +97,8 @@ def record_choices(path: Path, capability: str, device_name: str, commit: str,
             record = {}
     entries = record.setdefault("attention_choice", {})
     entries[capability] = {"device": device_name, "commit": commit, "kernels": kernels_fingerprint(),
-                           "torch": torch_release(), "variants": {v: {"backend": b, "why": why} for v, (b, why) in choices.items()}}
+                           "torch": torch_release(),
+                           "variants": {v: {"backend": b, "why": why} for v, (b, why) in choices.items()}}
     return record
 
 
@@ -118,9 +119,10 @@ def measured_choice(capability: str, variant: str, path: Optional[Path] = None) 
         logger.info("attention auto: %s measured other kernels (%s, commit %s); using the default backends",
                     path, entry.get("kernels"), entry.get("commit"))
         return None
-    if entry.get("torch") != torch_release():
+    release = torch_release()
+    if entry.get("torch") != release:
         logger.info("attention auto: %s was measured under torch %s, this is %s; using the default backends",
-                    path, entry.get("torch"), torch_release())
+                    path, entry.get("torch"), release)
         return None
     choice = entry["variants"][variant]
     logger.info("attention auto: %s for %s attention on %s (%s, measured at commit %s)", choice["backend"],
